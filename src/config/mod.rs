@@ -1,0 +1,499 @@
+//! The topology file: what to read, which features to compute, which model to score and
+//! where to write. Owns parsing and validation; never touches Kafka, sled or models.
+//!
+//! Loading happens in two steps. Serde checks the *shape* (unknown keys, wrong YAML
+//! types) and reports the first such error with its path. [`Topology::validate`] then
+//! checks the *meaning* of every section and returns every problem at once, each with
+//! its path (`features[3].window: ...`), so one edit-run cycle fixes a whole file.
+
+mod duration;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use duration::{parse_bytes, parse_duration};
+
+use crate::codec::{Codec, EventType};
+use crate::features::FeatureSet;
+
+/// One problem in a topology file, with the path of the offending value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read topology {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {location}{message}")]
+    Syntax { path: PathBuf, location: String, message: String },
+    #[error("{path} is invalid:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+/// The whole topology file, as written. Durations and enums stay strings here so that
+/// validation can report every bad value rather than stopping at the first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Application name: prefixes the changelog/control topics and the consumer group.
+    pub app: String,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    pub source: SourceConfig,
+    pub features: Vec<FeatureConfig>,
+    pub scoring: ScoringConfig,
+    pub model: ModelConfig,
+    pub sinks: SinksConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer group; defaults to the app name.
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout: String,
+    /// Raw librdkafka consumer settings, passed through unchanged.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, ConfigValue>,
+    /// Raw librdkafka producer settings, passed through unchanged.
+    #[serde(default)]
+    pub producer: BTreeMap<String, ConfigValue>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: default_brokers(),
+            group: None,
+            session_timeout: default_session_timeout(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// A librdkafka setting value; YAML numbers and booleans are accepted and passed as text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ConfigValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl fmt::Display for ConfigValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigValue::Text(s) => f.write_str(s),
+            ConfigValue::Integer(i) => write!(f, "{i}"),
+            ConfigValue::Float(x) => write!(f, "{x}"),
+            ConfigValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub topic: String,
+    #[serde(default = "default_codec")]
+    pub codec: String,
+    /// How far behind a user's newest event an event may be and still be applied.
+    #[serde(default = "default_lateness")]
+    pub lateness: String,
+    /// Larger records are dead-lettered with reason `oversized`.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: String,
+}
+
+/// One feature, as declared. Which keys apply depends on `kind`; see `features`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    pub name: String,
+    pub kind: String,
+    #[serde(default)]
+    pub filter: Option<FilterConfig>,
+    #[serde(default)]
+    pub field: Option<String>,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub default: Option<f64>,
+    /// `since_last`: the unit the elapsed time is expressed in (`1s`, `1d`, ...).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// `ratio`: names of earlier features.
+    #[serde(default)]
+    pub numerator: Option<String>,
+    #[serde(default)]
+    pub denominator: Option<String>,
+    /// `ratio`: the denominator is `max(denominator, min_denominator)`; default 1.
+    #[serde(default)]
+    pub min_denominator: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    #[serde(rename = "type")]
+    pub event_type: OneOrMany,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Default for OneOrMany {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
+}
+
+impl OneOrMany {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoringConfig {
+    /// Event types that get a prediction.
+    pub event_types: Vec<String>,
+    /// Largest number of rows scored in one model call.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Registry directory (`<registry>/<name>/<version>/model.onnx`); relative paths are
+    /// resolved against the topology file's directory.
+    pub registry: String,
+    pub name: String,
+    /// A version number or an alias (`champion`); default `champion`.
+    #[serde(default = "default_model_version")]
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinksConfig {
+    pub predictions: TopicSink,
+    pub dead_letter: TopicSink,
+    /// Include the feature vector in every prediction.
+    #[serde(default)]
+    pub log_features: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSink {
+    pub topic: String,
+    #[serde(default = "default_codec")]
+    pub codec: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default = "default_state_dir")]
+    pub dir: String,
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: String,
+    /// Users not touched for this long (processing time) leave the hot map for sled.
+    #[serde(default = "default_idle_after")]
+    pub idle_after: String,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+            checkpoint_interval: default_checkpoint_interval(),
+            idle_after: default_idle_after(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port` for /metrics, /healthz, /readyz; empty disables the admin server.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: default_admin_listen() }
+    }
+}
+
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_session_timeout() -> String {
+    "10s".into()
+}
+fn default_codec() -> String {
+    "json".into()
+}
+fn default_lateness() -> String {
+    "1h".into()
+}
+fn default_max_message() -> String {
+    "1MiB".into()
+}
+fn default_max_batch() -> usize {
+    256
+}
+fn default_model_version() -> String {
+    "champion".into()
+}
+fn default_state_dir() -> String {
+    "/var/lib/augur".into()
+}
+fn default_checkpoint_interval() -> String {
+    "1s".into()
+}
+fn default_idle_after() -> String {
+    "10m".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9898".into()
+}
+
+impl Topology {
+    /// Reads, parses and validates a topology file.
+    pub fn load(path: &Path) -> Result<Topology, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let topology = Self::parse(&text).map_err(|(location, message)| ConfigError::Syntax {
+            path: path.to_owned(),
+            location,
+            message,
+        })?;
+        let problems = topology.validate();
+        if problems.is_empty() {
+            Ok(topology)
+        } else {
+            Err(ConfigError::Invalid { path: path.to_owned(), problems })
+        }
+    }
+
+    /// Parses the YAML shape only. On error returns (location prefix, message), where
+    /// the message starts with the path of the offending key.
+    pub fn parse(text: &str) -> Result<Topology, (String, String)> {
+        let deserializer = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            let location = inner
+                .location()
+                .map(|l| format!("line {} column {}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            // serde_norway appends its own location to the message; keep only the cause.
+            let text = inner.to_string();
+            let cause = text.split(" at line ").next().unwrap_or(&text).to_owned();
+            let message = if path == "." { cause } else { format!("{path}: {cause}") };
+            (location, message)
+        })
+    }
+
+    /// Checks the meaning of every section; returns every problem found.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.app.trim().is_empty() {
+            problems.push(Problem::new("app", "must not be empty"));
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            problems.push(Problem::new("kafka.brokers", "must not be empty"));
+        }
+        check_duration(&mut problems, "kafka.session_timeout", &self.kafka.session_timeout);
+
+        check_topic(&mut problems, "source.topic", &self.source.topic);
+        check_codec(&mut problems, "source.codec", &self.source.codec);
+        check_duration(&mut problems, "source.lateness", &self.source.lateness);
+        match parse_bytes(&self.source.max_message_bytes) {
+            Ok(0) => problems.push(Problem::new("source.max_message_bytes", "must be positive")),
+            Ok(_) => {}
+            Err(e) => problems.push(Problem::new("source.max_message_bytes", e)),
+        }
+
+        if let Err(feature_problems) = FeatureSet::compile(&self.features, 3_600_000) {
+            problems.extend(feature_problems);
+        }
+
+        if self.scoring.event_types.is_empty() {
+            problems.push(Problem::new("scoring.event_types", "must name at least one event type"));
+        }
+        for (i, name) in self.scoring.event_types.iter().enumerate() {
+            if EventType::parse(name).is_none() {
+                problems.push(Problem::new(
+                    format!("scoring.event_types[{i}]"),
+                    format!("unknown event type \"{name}\" (expected {})", EventType::NAMES.join(", ")),
+                ));
+            }
+        }
+        if !(1..=65_536).contains(&self.scoring.max_batch) {
+            problems.push(Problem::new("scoring.max_batch", "must be between 1 and 65536"));
+        }
+
+        if self.model.registry.trim().is_empty() {
+            problems.push(Problem::new("model.registry", "must not be empty"));
+        }
+        if self.model.name.trim().is_empty() || self.model.name.contains('/') {
+            problems.push(Problem::new("model.name", "must be a non-empty name without '/'"));
+        }
+
+        check_topic(&mut problems, "sinks.predictions.topic", &self.sinks.predictions.topic);
+        check_codec(&mut problems, "sinks.predictions.codec", &self.sinks.predictions.codec);
+        check_topic(&mut problems, "sinks.dead_letter.topic", &self.sinks.dead_letter.topic);
+        if self.sinks.dead_letter.codec != "json" {
+            problems.push(Problem::new(
+                "sinks.dead_letter.codec",
+                "dead letters keep the original bytes; only the default \"json\" is accepted",
+            ));
+        }
+        if self.sinks.dead_letter.topic == self.source.topic {
+            problems.push(Problem::new("sinks.dead_letter.topic", "must differ from source.topic"));
+        }
+        if self.sinks.predictions.topic == self.source.topic {
+            problems.push(Problem::new("sinks.predictions.topic", "must differ from source.topic"));
+        }
+
+        if self.state.dir.trim().is_empty() {
+            problems.push(Problem::new("state.dir", "must not be empty"));
+        }
+        check_duration(&mut problems, "state.checkpoint_interval", &self.state.checkpoint_interval);
+        check_duration(&mut problems, "state.idle_after", &self.state.idle_after);
+        if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(Problem::new(
+                "admin.listen",
+                format!("expected host:port such as 127.0.0.1:9898, got \"{}\"", self.admin.listen),
+            ));
+        }
+        problems
+    }
+
+    /// The consumer group: `kafka.group`, else the app name.
+    pub fn group(&self) -> String {
+        self.kafka.group.clone().unwrap_or_else(|| self.app.clone())
+    }
+
+    pub fn lateness(&self) -> Duration {
+        parse_duration(&self.source.lateness).expect("validated")
+    }
+
+    pub fn session_timeout(&self) -> Duration {
+        parse_duration(&self.kafka.session_timeout).expect("validated")
+    }
+
+    pub fn checkpoint_interval(&self) -> Duration {
+        parse_duration(&self.state.checkpoint_interval).expect("validated")
+    }
+
+    pub fn idle_after(&self) -> Duration {
+        parse_duration(&self.state.idle_after).expect("validated")
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        parse_bytes(&self.source.max_message_bytes).expect("validated") as usize
+    }
+
+    pub fn source_codec(&self) -> Codec {
+        Codec::parse(&self.source.codec).expect("validated")
+    }
+
+    pub fn predictions_codec(&self) -> Codec {
+        Codec::parse(&self.sinks.predictions.codec).expect("validated")
+    }
+
+    /// The compiled features; the topology must have been validated.
+    pub fn feature_set(&self) -> FeatureSet {
+        FeatureSet::compile(&self.features, self.lateness().as_millis() as i64).expect("validated")
+    }
+
+    /// Event types that are scored, as a bit mask over [`EventType`].
+    pub fn scored_types(&self) -> crate::codec::TypeMask {
+        self.scoring
+            .event_types
+            .iter()
+            .filter_map(|name| EventType::parse(name))
+            .collect()
+    }
+
+    /// A stable hash of the parts of the topology that shape the state (the features and
+    /// the lateness): state written under one hash is not read under another.
+    pub fn state_hash(&self) -> u64 {
+        let mut text = format!("lateness={};", self.source.lateness);
+        for f in &self.features {
+            text.push_str(&format!("{f:?};"));
+        }
+        crate::util::fnv1a64(text.as_bytes())
+    }
+}
+
+fn check_duration(problems: &mut Vec<Problem>, path: &str, value: &str) {
+    match parse_duration(value) {
+        Ok(d) if d.is_zero() => problems.push(Problem::new(path, "must be greater than zero")),
+        Ok(_) => {}
+        Err(e) => problems.push(Problem::new(path, e)),
+    }
+}
+
+fn check_codec(problems: &mut Vec<Problem>, path: &str, value: &str) {
+    if Codec::parse(value).is_none() {
+        problems.push(Problem::new(path, format!("unknown codec \"{value}\" (expected json or protobuf)")));
+    }
+}
+
+/// Kafka's own rule: 1-249 characters of `[a-zA-Z0-9._-]`.
+fn check_topic(problems: &mut Vec<Problem>, path: &str, topic: &str) {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if topic.is_empty() || topic.len() > 249 || !topic.chars().all(legal) || topic == "." || topic == ".." {
+        problems.push(Problem::new(
+            path,
+            format!("\"{topic}\" is not a legal Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"),
+        ));
+    }
+}

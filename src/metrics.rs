@@ -1,0 +1,50 @@
+//! Every metric name the engine exports, in one place: `augur_<area>_<name>_<unit>`.
+//! Labels are bounded (topic, partition, model, version, variant, stage, reason) and
+//! never carry a user id.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Input records read, by topic and partition.
+pub const SOURCE_EVENTS: &str = "augur_source_events_total";
+/// Records sent to the dead-letter topic, by reason.
+pub const DEAD_LETTERS: &str = "augur_source_dead_letters_total";
+/// Predictions produced, by model, version and variant.
+pub const PREDICTIONS: &str = "augur_sink_predictions_total";
+/// Input record timestamp to prediction produce time.
+pub const E2E_LATENCY: &str = "augur_pipeline_e2e_latency_seconds";
+/// Rows per model call.
+pub const BATCH_ROWS: &str = "augur_model_batch_rows";
+/// Time to checkpoint a partition (wait for acks, sled batch, flush).
+pub const CHECKPOINT_SECONDS: &str = "augur_state_checkpoint_duration_seconds";
+/// Users in a partition's hot map.
+pub const HOT_USERS: &str = "augur_state_hot_users";
+/// Partitions currently owned by this worker.
+pub const ASSIGNED_PARTITIONS: &str = "augur_source_assigned_partitions";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// Installs the Prometheus recorder; the handle renders `/metrics`. Every histogram
+/// gets explicit buckets (the exporter would otherwise emit summaries).
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), BATCH_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(SOURCE_EVENTS, "Input records read");
+    describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic, by reason");
+    describe_counter!(PREDICTIONS, "Predictions produced");
+    describe_histogram!(E2E_LATENCY, Unit::Seconds, "Input record timestamp to prediction produce time");
+    describe_histogram!(BATCH_ROWS, "Rows per model call");
+    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Partition checkpoint duration");
+    describe_gauge!(HOT_USERS, "Users in a partition's hot map");
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions owned by this worker");
+}

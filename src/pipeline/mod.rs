@@ -1,0 +1,239 @@
+//! The worker: wires the source, the partition tasks and the outputs together, and
+//! runs until shutdown or until a partition hits an error that forbids going on.
+
+mod partition;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use tokio::sync::mpsc;
+
+pub use partition::{PartitionInput, PartitionTask};
+
+use crate::codec::{Codec, TypeMask};
+use crate::config::Topology;
+use crate::features::FeatureSet;
+use crate::model::{Model, ModelError, Registry};
+use crate::sink::{DeliveryError, OutputProducer};
+use crate::state::store::{StateStore, StoreError};
+use crate::stats::Stats;
+
+/// An error that stops a partition; the worker then stops so that a restart resumes
+/// from the last consistent checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("partition {partition}: stored state of user {user:?} does not match the topology's features")]
+    StateShape { partition: i32, user: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("admin server on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("partition failed: {0}")]
+    Partition(#[from] PartitionError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything a worker needs, after the topology and the command line are merged.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub topology: Topology,
+    /// Relative registry paths are resolved against this directory.
+    pub topology_dir: PathBuf,
+    pub brokers: String,
+    pub group: String,
+    pub instance_id: String,
+    pub state_dir: PathBuf,
+    pub log_features: bool,
+    pub session_timeout: Duration,
+}
+
+impl WorkerSettings {
+    /// Settings taken from the topology alone.
+    pub fn from_topology(topology: Topology, topology_dir: PathBuf) -> Self {
+        WorkerSettings {
+            brokers: topology.kafka.brokers.clone(),
+            group: topology.group(),
+            instance_id: default_instance_id(),
+            state_dir: PathBuf::from(&topology.state.dir),
+            log_features: topology.sinks.log_features,
+            session_timeout: topology.session_timeout(),
+            topology,
+            topology_dir,
+        }
+    }
+
+    fn client_config(&self, overrides: &std::collections::BTreeMap<String, crate::config::ConfigValue>) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in overrides {
+            config.set(key, value.to_string());
+        }
+        config
+    }
+
+    pub fn producer_config(&self) -> ClientConfig {
+        self.client_config(&self.topology.kafka.producer)
+    }
+
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group)
+            .set("group.instance.id", &self.instance_id)
+            .set("session.timeout.ms", self.session_timeout.as_millis().to_string())
+            .set("heartbeat.interval.ms", (self.session_timeout.as_millis() / 3).clamp(100, 3000).to_string())
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        for (key, value) in &self.topology.kafka.consumer {
+            config.set(key, value.to_string());
+        }
+        config
+    }
+}
+
+/// The host name: on a Kubernetes StatefulSet, the pod name, which makes a stable
+/// `group.instance.id`.
+pub fn default_instance_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "augur".into())
+}
+
+/// What every partition task of one worker shares (read-only, except the channels).
+pub struct Shared {
+    pub topic: String,
+    pub features: FeatureSet,
+    pub scored_types: TypeMask,
+    pub model: Model,
+    pub codec: Codec,
+    pub predictions_topic: String,
+    pub predictions_codec: Codec,
+    pub dead_letter_topic: String,
+    pub log_features: bool,
+    pub max_message_bytes: usize,
+    pub max_batch: usize,
+    pub checkpoint_interval: Duration,
+    pub idle_after: Duration,
+    pub producer: OutputProducer,
+    pub stats: Arc<Stats>,
+    commits: std::sync::mpsc::Sender<(i32, i64)>,
+    fatal: mpsc::UnboundedSender<PartitionError>,
+}
+
+impl Shared {
+    /// Asks the consumer thread to commit `next_offset` for a partition.
+    fn request_commit(&self, partition: i32, next_offset: i64) {
+        let _ = self.commits.send((partition, next_offset));
+    }
+
+    pub(crate) fn report_fatal(&self, error: PartitionError) {
+        tracing::error!(error = %error, "partition stopped");
+        let _ = self.fatal.send(error);
+    }
+}
+
+/// A running worker's handles, for embedding (demo, tests).
+pub struct Worker {
+    pub stats: Arc<Stats>,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Loads the model, opens the state, joins the consumer group and processes until
+/// `shutdown` resolves or a partition fails.
+pub async fn run_worker(
+    settings: WorkerSettings,
+    stats: Arc<Stats>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let topology = &settings.topology;
+    let features = topology.feature_set();
+    let registry_path = settings.topology_dir.join(&topology.model.registry);
+    let registry = Registry::open(registry_path);
+    let (version, model_dir) = registry.resolve(&topology.model.name, &topology.model.version)?;
+    let model = {
+        let names = features.names().to_vec();
+        tokio::task::spawn_blocking(move || Model::load(&model_dir, &names))
+            .await
+            .map_err(|e| WorkerError::Other(format!("model loading task failed: {e}")))??
+    };
+    tracing::info!(model = %model.meta.name, version, features = features.len(), "model loaded");
+
+    let store = StateStore::open(&settings.state_dir, topology.state_hash())?;
+    let producer = OutputProducer::create(settings.producer_config())?;
+    let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        topic: topology.source.topic.clone(),
+        scored_types: topology.scored_types(),
+        features,
+        model,
+        codec: topology.source_codec(),
+        predictions_topic: topology.sinks.predictions.topic.clone(),
+        predictions_codec: topology.predictions_codec(),
+        dead_letter_topic: topology.sinks.dead_letter.topic.clone(),
+        log_features: settings.log_features,
+        max_message_bytes: topology.max_message_bytes(),
+        max_batch: topology.scoring.max_batch,
+        checkpoint_interval: topology.checkpoint_interval(),
+        idle_after: topology.idle_after(),
+        producer: producer.clone(),
+        stats,
+        commits: commit_tx,
+        fatal: fatal_tx,
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let source = crate::source::Source::start(
+        settings.consumer_config(),
+        Arc::clone(&shared),
+        store,
+        commit_rx,
+        Arc::clone(&stop),
+        tokio::runtime::Handle::current(),
+    )?;
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(topic = %shared.topic, group = %settings.group, instance = %settings.instance_id, "worker started");
+
+    let failure = tokio::select! {
+        () = shutdown => None,
+        error = fatal_rx.recv() => error,
+    };
+    ready.store(false, Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    tracing::info!("stopping: draining partitions");
+    tokio::task::spawn_blocking(move || source.join())
+        .await
+        .map_err(|e| WorkerError::Other(format!("consumer thread failed: {e}")))?;
+    drop(shared);
+    producer.flush(Duration::from_secs(10))?;
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(()),
+    }
+}

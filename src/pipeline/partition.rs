@@ -1,0 +1,339 @@
+//! One input partition's task: it owns the partition's users, applies events, scores
+//! them in batches, emits predictions and dead letters, and checkpoints. Nothing on
+//! this path is shared with other partitions, so it takes no locks.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::message::{Message, OwnedMessage};
+use tokio::sync::mpsc;
+
+use super::{PartitionError, Shared};
+use crate::codec::{decode_event, now_ms, Event, Reason, Rejection};
+use crate::features::Scratch;
+use crate::metrics as m;
+use crate::sink::{dead_letter_headers, encode_prediction, PendingDeliveries, Prediction};
+use crate::state::store::PartitionStore;
+use crate::state::UserState;
+use crate::util::now_us;
+
+/// What the consumer thread sends a partition task.
+pub enum PartitionInput {
+    Records(Vec<OwnedMessage>),
+    /// Checkpoint, then stop; the reply carries the committed next offset, if any.
+    Stop(std::sync::mpsc::Sender<Option<i64>>),
+}
+
+/// Most unacknowledged outputs a partition keeps before it waits for acks.
+const MAX_PENDING: usize = 50_000;
+
+struct HotUser {
+    state: UserState,
+    dirty: bool,
+    touched: Instant,
+}
+
+/// A scored event waiting for its model call.
+struct Scored {
+    event: Event,
+    input_ts: i64,
+    received_us: i64,
+}
+
+pub struct PartitionTask {
+    shared: Arc<Shared>,
+    partition: i32,
+    store: PartitionStore,
+    users: HashMap<String, HotUser>,
+    dirty: Vec<String>,
+    /// Next offset to process; None until known (no checkpoint and no record yet).
+    next_offset: Option<i64>,
+    checkpointed: Option<i64>,
+    pending: PendingDeliveries,
+    scratch: Scratch,
+    values: Vec<f64>,
+    rows: Vec<f64>,
+    scored: Vec<Scored>,
+    scores: Vec<f64>,
+    model_input: Vec<f32>,
+    buffer: Vec<u8>,
+    last_eviction: Instant,
+    events_counter: metrics::Counter,
+    predictions_counter: metrics::Counter,
+    e2e_histogram: metrics::Histogram,
+    batch_histogram: metrics::Histogram,
+    checkpoint_histogram: metrics::Histogram,
+    hot_users_gauge: metrics::Gauge,
+}
+
+impl PartitionTask {
+    pub fn new(shared: Arc<Shared>, partition: i32, store: PartitionStore, next_offset: Option<i64>) -> Self {
+        let topic = shared.topic.clone();
+        let p = partition.to_string();
+        let model = &shared.model.meta;
+        let width = shared.features.len();
+        PartitionTask {
+            events_counter: metrics::counter!(m::SOURCE_EVENTS, "topic" => topic.clone(), "partition" => p.clone()),
+            predictions_counter: metrics::counter!(m::PREDICTIONS, "model" => model.name.clone(),
+                "version" => model.version.to_string(), "variant" => "champion"),
+            e2e_histogram: metrics::histogram!(m::E2E_LATENCY),
+            batch_histogram: metrics::histogram!(m::BATCH_ROWS),
+            checkpoint_histogram: metrics::histogram!(m::CHECKPOINT_SECONDS, "partition" => p.clone()),
+            hot_users_gauge: metrics::gauge!(m::HOT_USERS, "partition" => p),
+            shared,
+            partition,
+            store,
+            users: HashMap::new(),
+            dirty: Vec::new(),
+            next_offset,
+            checkpointed: next_offset,
+            pending: PendingDeliveries::default(),
+            scratch: Scratch::default(),
+            values: vec![0.0; width],
+            rows: Vec::new(),
+            scored: Vec::new(),
+            scores: Vec::new(),
+            model_input: Vec::new(),
+            buffer: Vec::new(),
+            last_eviction: Instant::now(),
+        }
+    }
+
+    /// Runs until told to stop or until an error that forbids going on (an output not
+    /// acknowledged, a state store failure); such an error is reported to the worker.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<PartitionInput>) {
+        let mut tick = tokio::time::interval(self.shared.checkpoint_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let outcome = tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(PartitionInput::Records(records)) => self.process(records).await,
+                    Some(PartitionInput::Stop(reply)) => {
+                        let result = self.checkpoint().await;
+                        let _ = reply.send(result.as_ref().ok().and(self.checkpointed));
+                        if let Err(e) = result {
+                            self.shared.report_fatal(e);
+                        }
+                        return;
+                    }
+                    None => {
+                        if let Err(e) = self.checkpoint().await {
+                            self.shared.report_fatal(e);
+                        }
+                        return;
+                    }
+                },
+                _ = tick.tick() => self.checkpoint().await,
+            };
+            if let Err(e) = outcome {
+                self.shared.report_fatal(e);
+                return;
+            }
+        }
+    }
+
+    async fn process(&mut self, records: Vec<OwnedMessage>) -> Result<(), PartitionError> {
+        let now = now_ms();
+        for record in &records {
+            let offset = record.offset();
+            if self.next_offset.is_some_and(|next| offset < next) {
+                continue; // already applied before a restart or seek
+            }
+            self.next_offset = Some(offset + 1);
+            self.events_counter.increment(1);
+            self.shared.stats.events.fetch_add(1, Relaxed);
+            let received_us = now_us();
+            match self.decode(record, now) {
+                Ok(event) => self.apply(event, record, received_us).await?,
+                Err(rejection) => self.dead_letter(record, &rejection).await,
+            }
+        }
+        self.score_and_emit().await?;
+        if self.pending.len() > MAX_PENDING {
+            self.pending.wait_all().await?;
+        }
+        Ok(())
+    }
+
+    fn decode(&self, record: &OwnedMessage, now: i64) -> Result<Event, Rejection> {
+        let payload = record.payload().unwrap_or_default();
+        if payload.len() > self.shared.max_message_bytes {
+            return Err(Rejection::new(
+                Reason::Oversized,
+                format!("record of {} bytes exceeds source.max_message_bytes ({})", payload.len(), self.shared.max_message_bytes),
+            ));
+        }
+        let key = record.key().unwrap_or_default();
+        if key.is_empty() {
+            return Err(Rejection::new(Reason::EmptyKey, "record has no key (expected the user_id)"));
+        }
+        let event = decode_event(self.shared.codec, payload, now)?;
+        if key != event.user_id.as_bytes() {
+            return Err(Rejection::new(
+                Reason::KeyMismatch,
+                format!("record key {:?} differs from user_id {:?}", String::from_utf8_lossy(key), event.user_id),
+            ));
+        }
+        Ok(event)
+    }
+
+    async fn apply(&mut self, event: Event, record: &OwnedMessage, received_us: i64) -> Result<(), PartitionError> {
+        if !self.users.contains_key(&event.user_id) {
+            let state = match self.store.load_user(&event.user_id)? {
+                Some(state) if self.shared.features.fits(&state) => state,
+                Some(_) => {
+                    return Err(PartitionError::StateShape { partition: self.partition, user: event.user_id.clone() })
+                }
+                None => self.shared.features.new_state(),
+            };
+            self.users.insert(event.user_id.clone(), HotUser { state, dirty: false, touched: Instant::now() });
+        }
+        let user = self.users.get_mut(&event.user_id).expect("inserted above");
+        user.touched = Instant::now();
+        let applied = self.shared.features.apply_event(&mut user.state, &event, &mut self.values, &mut self.scratch);
+        if let Err(late) = applied {
+            let detail = format!(
+                "event ts {} is {} ms behind the user's newest event (allowed lateness {} ms)",
+                event.ts,
+                late.behind_ms,
+                self.shared.features.lateness_ms()
+            );
+            self.dead_letter(record, &Rejection::new(Reason::Late, detail)).await;
+            return Ok(());
+        }
+        if !user.dirty {
+            user.dirty = true;
+            self.dirty.push(event.user_id.clone());
+        }
+        if self.shared.scored_types.contains(event.kind) {
+            self.rows.extend_from_slice(&self.values);
+            let input_ts = record.timestamp().to_millis().unwrap_or(event.ts);
+            self.scored.push(Scored { event, input_ts, received_us });
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, record: &OwnedMessage, rejection: &Rejection) {
+        let shared = &self.shared;
+        metrics::counter!(m::DEAD_LETTERS, "reason" => rejection.reason.as_str()).increment(1);
+        shared.stats.dead_letters.fetch_add(1, Relaxed);
+        let headers = dead_letter_headers(
+            record.headers(),
+            rejection.reason.as_str(),
+            &rejection.detail,
+            &shared.topic,
+            self.partition,
+            record.offset(),
+        );
+        tracing::debug!(partition = self.partition, offset = record.offset(), reason = %rejection.reason,
+            detail = %rejection.detail, "dead-lettered");
+        shared
+            .producer
+            .send(
+                &shared.dead_letter_topic,
+                record.key(),
+                record.payload().unwrap_or_default(),
+                Some(headers),
+                &mut self.pending,
+                "dead_letter",
+            )
+            .await;
+    }
+
+    async fn score_and_emit(&mut self) -> Result<(), PartitionError> {
+        if self.scored.is_empty() {
+            return Ok(());
+        }
+        let shared = Arc::clone(&self.shared);
+        let stride = shared.features.len();
+        self.scores.clear();
+        for chunk in self.rows.chunks(shared.max_batch * stride) {
+            self.batch_histogram.record((chunk.len() / stride) as f64);
+            shared.model.score(chunk, stride, &mut self.model_input, &mut self.scores)?;
+        }
+        let meta = &shared.model.meta;
+        for (i, scored) in self.scored.iter().enumerate() {
+            let produced_us = now_us();
+            let features = shared
+                .log_features
+                .then(|| (shared.features.names(), &self.rows[i * stride..(i + 1) * stride]));
+            self.buffer.clear();
+            encode_prediction(
+                shared.predictions_codec,
+                &Prediction {
+                    event: &scored.event,
+                    model: &meta.name,
+                    version: meta.version,
+                    variant: "champion",
+                    score: self.scores[i],
+                    features,
+                    input_ts: scored.input_ts,
+                    received_us: scored.received_us,
+                    produced_us,
+                },
+                &mut self.buffer,
+            );
+            shared
+                .producer
+                .send(
+                    &shared.predictions_topic,
+                    Some(scored.event.user_id.as_bytes()),
+                    &self.buffer,
+                    None,
+                    &mut self.pending,
+                    "prediction",
+                )
+                .await;
+            let latency_us = (produced_us - scored.input_ts * 1000).max(0) as u64;
+            self.e2e_histogram.record(latency_us as f64 / 1e6);
+            shared.stats.e2e_latency.record_us(latency_us);
+        }
+        let n = self.scored.len() as u64;
+        self.predictions_counter.increment(n);
+        shared.stats.predictions.fetch_add(n, Relaxed);
+        self.scored.clear();
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// Outputs acknowledged → changed users and next offset in one sled batch → offset
+    /// handed to the consumer for commit. Then idle, clean users leave the hot map.
+    async fn checkpoint(&mut self) -> Result<(), PartitionError> {
+        let Some(next_offset) = self.next_offset else { return Ok(()) };
+        if self.checkpointed == Some(next_offset) && self.dirty.is_empty() && self.pending.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.pending.wait_all().await?;
+        let users = &self.users;
+        let dirty = self.dirty.iter().filter_map(|u| users.get(u).map(|h| (u.as_str(), &h.state)));
+        self.store.checkpoint(dirty, next_offset).await?;
+        for user in self.dirty.drain(..) {
+            if let Some(hot) = self.users.get_mut(&user) {
+                hot.dirty = false;
+            }
+        }
+        self.checkpointed = Some(next_offset);
+        self.shared.request_commit(self.partition, next_offset);
+        self.checkpoint_histogram.record(started.elapsed().as_secs_f64());
+        self.evict_idle();
+        self.hot_users_gauge.set(self.users.len() as f64);
+        Ok(())
+    }
+
+    fn evict_idle(&mut self) {
+        let idle_after = self.shared.idle_after;
+        if self.last_eviction.elapsed() < idle_after / 4 {
+            return;
+        }
+        self.last_eviction = Instant::now();
+        let before = self.users.len();
+        self.users.retain(|_, u| u.dirty || u.touched.elapsed() < idle_after);
+        let evicted = before - self.users.len();
+        if evicted > 0 {
+            tracing::debug!(partition = self.partition, evicted, "idle users left the hot map");
+        }
+    }
+}

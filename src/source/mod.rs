@@ -1,0 +1,214 @@
+//! The Kafka source: one consumer per worker, polled on its own thread, that hands each
+//! assigned partition's records to that partition's task. Rebalances are handled here:
+//! an assigned partition resumes from the offset stored with its state in sled; a
+//! revoked one checkpoints and commits before it is let go.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::metrics as m;
+use crate::pipeline::{PartitionError, PartitionInput, PartitionTask, Shared};
+use crate::state::store::StateStore;
+
+/// Records handed to a partition task per message, at most.
+const MAX_BATCH: usize = 1024;
+/// Batches queued per partition before the consumer thread waits (backpressure).
+const PARTITION_QUEUE: usize = 8;
+/// How long a revoked partition may take to checkpoint.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Source {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Source {
+    /// Subscribes and starts the polling thread.
+    pub fn start(
+        config: ClientConfig,
+        shared: Arc<Shared>,
+        store: StateStore,
+        commits: std::sync::mpsc::Receiver<(i32, i64)>,
+        stop: Arc<AtomicBool>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Source, KafkaError> {
+        let context = SourceContext { shared: Arc::clone(&shared), store, runtime, tasks: Mutex::default() };
+        let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
+        consumer.subscribe(&[&shared.topic])?;
+        let thread = std::thread::Builder::new()
+            .name("augur-source".into())
+            .spawn(move || poll_loop(consumer, commits, stop))
+            .expect("spawning a thread");
+        Ok(Source { thread })
+    }
+
+    /// Waits for the polling thread, which checkpoints and commits every partition
+    /// before it returns.
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+struct SourceContext {
+    shared: Arc<Shared>,
+    store: StateStore,
+    runtime: tokio::runtime::Handle,
+    tasks: Mutex<HashMap<i32, mpsc::Sender<PartitionInput>>>,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.revoke_all(consumer),
+            other => {
+                tracing::error!(error = ?other, "rebalance error; releasing all partitions");
+                self.revoke_all(consumer);
+            }
+        }
+    }
+}
+
+impl SourceContext {
+    /// Starts a task per assigned partition, each resuming from its sled offset.
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let topic = self.shared.topic.clone();
+        let partitions: Vec<i32> = tpl.elements_for_topic(&topic).iter().map(|e| e.partition()).collect();
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        for partition in partitions {
+            let started = self.store.partition(&topic, partition).and_then(|store| {
+                let next = store.next_offset()?;
+                Ok((store, next))
+            });
+            let (store, next_offset) = match started {
+                Ok(x) => x,
+                Err(e) => {
+                    self.shared.report_fatal(PartitionError::Store(e));
+                    continue;
+                }
+            };
+            let offset = match next_offset {
+                Some(o) => Offset::Offset(o),
+                None => {
+                    tracing::info!(partition, "no local state for partition: replaying it from the beginning to rebuild state");
+                    Offset::Beginning
+                }
+            };
+            if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
+                tracing::error!(partition, error = %e, "cannot set start offset");
+            }
+            tracing::info!(partition, ?offset, "partition assigned");
+            let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
+            let task = PartitionTask::new(Arc::clone(&self.shared), partition, store, next_offset);
+            self.runtime.spawn(task.run(rx));
+            tasks.insert(partition, tx);
+        }
+        metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tasks.len() as f64);
+        drop(tasks);
+        if let Err(e) = consumer.assign(tpl) {
+            tracing::error!(error = %e, "assign failed");
+        }
+    }
+
+    /// Stops every partition task after its final checkpoint, commits, and unassigns.
+    fn revoke_all(&self, consumer: &BaseConsumer<Self>) {
+        let tasks: Vec<(i32, mpsc::Sender<PartitionInput>)> =
+            self.tasks.lock().expect("tasks lock").drain().collect();
+        let mut replies = Vec::new();
+        for (partition, tx) in tasks {
+            let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+            if tx.blocking_send(PartitionInput::Stop(reply_tx)).is_ok() {
+                replies.push((partition, reply_rx));
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (partition, reply) in replies {
+            match reply.recv_timeout(REVOKE_TIMEOUT) {
+                Ok(Some(next)) => {
+                    let _ = offsets.add_partition_offset(&self.shared.topic, partition, Offset::Offset(next));
+                }
+                Ok(None) => {}
+                Err(_) => tracing::warn!(partition, "partition did not checkpoint in time"),
+            }
+        }
+        if offsets.count() > 0 {
+            if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit on revoke failed (state and offsets are safe in sled)");
+            }
+        }
+        metrics::gauge!(m::ASSIGNED_PARTITIONS).set(0.0);
+        if let Err(e) = consumer.unassign() {
+            tracing::warn!(error = %e, "unassign failed");
+        }
+    }
+
+    fn dispatch(&self, partition: i32, records: Vec<OwnedMessage>) {
+        let tx = self.tasks.lock().expect("tasks lock").get(&partition).cloned();
+        match tx {
+            // A closed channel means the task failed; the worker is stopping and the
+            // records stay uncommitted.
+            Some(tx) => {
+                let _ = tx.blocking_send(PartitionInput::Records(records));
+            }
+            None => tracing::debug!(partition, n = records.len(), "records for a partition no longer owned"),
+        }
+    }
+}
+
+fn poll_loop(consumer: BaseConsumer<SourceContext>, commits: std::sync::mpsc::Receiver<(i32, i64)>, stop: Arc<AtomicBool>) {
+    let mut batches: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
+    let topic = consumer.context().shared.topic.clone();
+    while !stop.load(Ordering::SeqCst) {
+        commit_requested(&consumer, &commits, &topic);
+        let mut polled = 0;
+        let mut wait = Duration::from_millis(100);
+        while polled < MAX_BATCH {
+            match consumer.poll(wait) {
+                None => break,
+                Some(Ok(message)) => {
+                    polled += 1;
+                    batches.entry(message.partition()).or_default().push(message.detach());
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+            }
+            wait = Duration::ZERO;
+        }
+        for (partition, records) in batches.drain() {
+            consumer.context().dispatch(partition, records);
+        }
+    }
+    // Final checkpoints; each partition's final offset is committed synchronously there.
+    consumer.context().revoke_all(&consumer);
+    consumer.unsubscribe();
+}
+
+/// Commits the newest offset each partition task asked for since the last call.
+fn commit_requested(consumer: &BaseConsumer<SourceContext>, commits: &std::sync::mpsc::Receiver<(i32, i64)>, topic: &str) {
+    let mut latest: HashMap<i32, i64> = HashMap::new();
+    while let Ok((partition, offset)) = commits.try_recv() {
+        latest.insert(partition, offset);
+    }
+    if latest.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in latest {
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(error = %e, "async commit failed; the next checkpoint commits again");
+    }
+}

@@ -1,0 +1,137 @@
+//! Durable state in sled: one tree per input partition holding its users' states and,
+//! in the same tree, the partition's next input offset. A checkpoint writes both in one
+//! atomic batch, so after a crash the state and the offset always agree: every event
+//! is applied to state exactly once.
+
+use std::path::{Path, PathBuf};
+
+use super::{decode_user_state, encode_user_state, StateDecodeError, UserState};
+
+/// Key of the partition's next offset; user keys start with `USER_PREFIX`, so they
+/// cannot collide with it.
+const OFFSET_KEY: &[u8] = b"\0offset";
+const USER_PREFIX: u8 = b'u';
+const STATE_HASH_KEY: &[u8] = b"state_hash";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Sled { path: PathBuf, source: sled::Error },
+    #[error("state store {path}: user {user:?}: {source}")]
+    Corrupt { path: PathBuf, user: String, source: StateDecodeError },
+    #[error(
+        "state store {path} was written by a topology with different features or lateness \
+         (state hash {found:016x}, this topology {expected:016x}); use another state dir or remove it"
+    )]
+    Incompatible { path: PathBuf, found: u64, expected: u64 },
+}
+
+/// The sled database of one worker.
+#[derive(Clone)]
+pub struct StateStore {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (or creates) the store and checks that it was written for the same feature
+    /// definitions.
+    pub fn open(path: &Path, state_hash: u64) -> Result<StateStore, StoreError> {
+        let sled_err = |source| StoreError::Sled { path: path.to_owned(), source };
+        std::fs::create_dir_all(path).map_err(|e| sled_err(sled::Error::Io(e)))?;
+        let db = sled::Config::new().path(path).flush_every_ms(None).open().map_err(sled_err)?;
+        match db.get(STATE_HASH_KEY).map_err(sled_err)? {
+            Some(found) => {
+                let found = u64::from_be_bytes(found.as_ref().try_into().unwrap_or_default());
+                if found != state_hash {
+                    return Err(StoreError::Incompatible { path: path.to_owned(), found, expected: state_hash });
+                }
+            }
+            None => {
+                db.insert(STATE_HASH_KEY, &state_hash.to_be_bytes()).map_err(sled_err)?;
+                db.flush().map_err(sled_err)?;
+            }
+        }
+        Ok(StateStore { db, path: path.to_owned() })
+    }
+
+    /// The store of one input partition.
+    pub fn partition(&self, topic: &str, partition: i32) -> Result<PartitionStore, StoreError> {
+        let tree = self
+            .db
+            .open_tree(format!("p/{topic}/{partition}"))
+            .map_err(|source| StoreError::Sled { path: self.path.clone(), source })?;
+        Ok(PartitionStore { tree, db: self.db.clone(), path: self.path.clone(), buffer: Vec::new() })
+    }
+}
+
+/// Durable state of one input partition.
+pub struct PartitionStore {
+    tree: sled::Tree,
+    db: sled::Db,
+    path: PathBuf,
+    buffer: Vec<u8>,
+}
+
+impl PartitionStore {
+    fn sled_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled { path: self.path.clone(), source }
+    }
+
+    /// The next input offset to process, if this partition was ever checkpointed here.
+    pub fn next_offset(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .tree
+            .get(OFFSET_KEY)
+            .map_err(|e| self.sled_err(e))?
+            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
+    }
+
+    /// A user's checkpointed state.
+    pub fn load_user(&self, user: &str) -> Result<Option<UserState>, StoreError> {
+        let key = user_key(user);
+        match self.tree.get(key).map_err(|e| self.sled_err(e))? {
+            None => Ok(None),
+            Some(bytes) => decode_user_state(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path: self.path.clone(), user: user.to_owned(), source }),
+        }
+    }
+
+    /// Writes the changed users and the next offset in one atomic batch, then makes it
+    /// durable.
+    pub async fn checkpoint<'a>(
+        &mut self,
+        dirty: impl Iterator<Item = (&'a str, &'a UserState)>,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (user, state) in dirty {
+            self.buffer.clear();
+            encode_user_state(state, &mut self.buffer);
+            batch.insert(user_key(user), self.buffer.as_slice());
+        }
+        batch.insert(OFFSET_KEY, &next_offset.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.db.flush_async().await.map_err(|e| self.sled_err(e))?;
+        Ok(())
+    }
+
+    /// Every stored user and its state, for tools and tests.
+    pub fn users(&self) -> impl Iterator<Item = Result<(String, UserState), StoreError>> + '_ {
+        self.tree.scan_prefix([USER_PREFIX]).map(move |item| {
+            let (key, value) = item.map_err(|e| self.sled_err(e))?;
+            let user = String::from_utf8_lossy(&key[1..]).into_owned();
+            let state = decode_user_state(&value)
+                .map_err(|source| StoreError::Corrupt { path: self.path.clone(), user: user.clone(), source })?;
+            Ok((user, state))
+        })
+    }
+}
+
+fn user_key(user: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user.len() + 1);
+    key.push(USER_PREFIX);
+    key.extend_from_slice(user.as_bytes());
+    key
+}
