@@ -79,6 +79,11 @@ pub struct KafkaConfig {
     pub group: Option<String>,
     #[serde(default = "default_session_timeout")]
     pub session_timeout: String,
+    /// Longest pause between polls before the member is considered gone; also how long
+    /// a broker waits for a vanished member during a rebalance (tansu waits this long
+    /// before a restarted member gets its partitions back).
+    #[serde(default = "default_max_poll_interval")]
+    pub max_poll_interval: String,
     /// Raw librdkafka consumer settings, passed through unchanged.
     #[serde(default)]
     pub consumer: BTreeMap<String, ConfigValue>,
@@ -93,6 +98,7 @@ impl Default for KafkaConfig {
             brokers: default_brokers(),
             group: None,
             session_timeout: default_session_timeout(),
+            max_poll_interval: default_max_poll_interval(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
         }
@@ -274,6 +280,9 @@ fn default_brokers() -> String {
 fn default_session_timeout() -> String {
     "10s".into()
 }
+fn default_max_poll_interval() -> String {
+    "30s".into()
+}
 fn default_codec() -> String {
     "json".into()
 }
@@ -349,6 +358,20 @@ impl Topology {
             problems.push(Problem::new("kafka.brokers", "must not be empty"));
         }
         check_duration(&mut problems, "kafka.session_timeout", &self.kafka.session_timeout);
+        check_duration(&mut problems, "kafka.max_poll_interval", &self.kafka.max_poll_interval);
+        if let (Ok(session), Ok(poll)) =
+            (parse_duration(&self.kafka.session_timeout), parse_duration(&self.kafka.max_poll_interval))
+        {
+            if poll < session {
+                problems.push(Problem::new(
+                    "kafka.max_poll_interval",
+                    format!(
+                        "{} is shorter than kafka.session_timeout ({}); Kafka requires it to be at least as long",
+                        self.kafka.max_poll_interval, self.kafka.session_timeout
+                    ),
+                ));
+            }
+        }
 
         check_topic(&mut problems, "source.topic", &self.source.topic);
         check_codec(&mut problems, "source.codec", &self.source.codec);
@@ -426,6 +449,10 @@ impl Topology {
 
     pub fn session_timeout(&self) -> Duration {
         parse_duration(&self.kafka.session_timeout).expect("validated")
+    }
+
+    pub fn max_poll_interval(&self) -> Duration {
+        parse_duration(&self.kafka.max_poll_interval).expect("validated")
     }
 
     pub fn checkpoint_interval(&self) -> Duration {

@@ -102,6 +102,10 @@ impl WorkerSettings {
             .set("group.instance.id", &self.instance_id)
             .set("session.timeout.ms", self.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", (self.session_timeout.as_millis() / 3).clamp(100, 3000).to_string())
+            .set(
+                "max.poll.interval.ms",
+                self.topology.max_poll_interval().max(self.session_timeout).as_millis().to_string(),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

@@ -24,7 +24,7 @@ const MAX_BATCH: usize = 1024;
 /// Batches queued per partition before the consumer thread waits (backpressure).
 const PARTITION_QUEUE: usize = 8;
 /// How long a revoked partition may take to checkpoint.
-const REVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Source {
     thread: std::thread::JoinHandle<()>,
