@@ -18,6 +18,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let value: u64 = digits
         .parse()
         .map_err(|_| format!("duration \"{text}\" is out of range"))?;
+    if unit.starts_with('.') {
+        return Err(format!("\"{text}\": whole units only; use a smaller unit (e.g. \"90m\" for 1.5h)"));
+    }
     let unit_ms: u64 = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -74,7 +77,7 @@ mod tests {
 
     #[test]
     fn refuses_fractions_and_unknown_units() {
-        assert!(parse_duration("1.5h").is_err());
+        assert!(parse_duration("1.5h").unwrap_err().contains("whole units only"));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
         assert!(parse_duration("3w").unwrap_err().contains("unknown duration unit"));
         assert!(parse_duration("h").is_err());

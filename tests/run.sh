@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The test command (README: "Run the tests"). On a fresh machine it installs and starts
+# everything the tests need, then runs the whole suite:
+#   - tansu, the Kafka-API broker the integration tests talk to (cargo install, cached
+#     in ~/.cargo/bin; the first build takes over 10 minutes);
+#   - a Python venv in .venv with onnxruntime, scikit-learn, pandas and scipy, the
+#     trusted references (reinstalled when training/requirements.txt changes);
+#   - Redis on 127.0.0.1:6379 when none is running (the online-store tests use it);
+#   - then cargo nextest (or cargo test when nextest is missing).
+# Extra arguments go to the test runner, e.g. `tests/run.sh golden`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "tansu (Kafka-API broker for the integration tests)"
+TANSU="$(command -v tansu || true)"
+if [ -z "$TANSU" ] && [ -x "$HOME/.cargo/bin/tansu" ]; then TANSU="$HOME/.cargo/bin/tansu"; fi
+if [ -z "$TANSU" ]; then
+    echo "installing tansu 0.6 with memory storage (takes over 10 minutes on 2 cores)"
+    cargo install tansu --version 0.6.0 --locked --features dynostore
+    TANSU="$HOME/.cargo/bin/tansu"
+fi
+export AUGUR_TEST_TANSU="$TANSU"
+echo "using $TANSU"
+
+step "Python venv for reference checks (.venv)"
+STAMP=".venv/.requirements.sha256"
+WANT="$(sha256sum training/requirements.txt | cut -d' ' -f1)"
+if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r training/requirements.txt
+    echo "$WANT" > "$STAMP"
+fi
+export AUGUR_TEST_PYTHON="$PWD/.venv/bin/python"
+"$AUGUR_TEST_PYTHON" -c 'import onnxruntime, sklearn, pandas, scipy; print("onnxruntime", onnxruntime.__version__)'
+
+step "Redis"
+if command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    echo "Redis is running on 127.0.0.1:6379"
+else
+    if ! command -v redis-server >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq redis-server
+    fi
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    for _ in $(seq 1 50); do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+    echo "started Redis on 127.0.0.1:6379"
+fi
+export AUGUR_TEST_REDIS_URL="redis://127.0.0.1:6379"
+
+step "cargo tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast "$@"
+else
+    cargo test --no-fail-fast "$@"
+fi
