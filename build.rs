@@ -2,7 +2,10 @@
 //! system package is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/augur/v1/event.proto", "proto/augur/v1/prediction.proto"];
+    let protos = [
+        "proto/augur/v1/event.proto",
+        "proto/augur/v1/prediction.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

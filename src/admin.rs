@@ -14,7 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// Binds the admin port and serves it in the background; returns the bound address.
-pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, ready: Arc<AtomicBool>) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
@@ -24,7 +28,11 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, ready: Arc<Atomi
                     let metrics = metrics.clone();
                     let ready = Arc::clone(&ready);
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &metrics, &ready)).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            respond(stream, &metrics, &ready),
+                        )
+                        .await;
                     });
                 }
                 Err(e) => {
@@ -37,7 +45,11 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, ready: Arc<Atomi
     Ok(bound)
 }
 
-async fn respond(mut stream: TcpStream, metrics: &PrometheusHandle, ready: &AtomicBool) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    metrics: &PrometheusHandle,
+    ready: &AtomicBool,
+) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -55,10 +67,20 @@ async fn respond(mut stream: TcpStream, metrics: &PrometheusHandle, ready: &Atom
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") if ready.load(Ordering::SeqCst) => ("200 OK", "text/plain", "ready\n".to_owned()),
-        ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "not ready\n".to_owned()),
+        ("GET", "/readyz") if ready.load(Ordering::SeqCst) => {
+            ("200 OK", "text/plain", "ready\n".to_owned())
+        }
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready\n".to_owned(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".to_owned(),
+        ),
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

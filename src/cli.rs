@@ -18,7 +18,11 @@ use crate::pipeline::{run_worker, WorkerSettings};
 use crate::stats::Stats;
 
 #[derive(Parser, Debug)]
-#[command(name = "augur", version, about = "Streaming prediction engine on Kafka")]
+#[command(
+    name = "augur",
+    version,
+    about = "Streaming prediction engine on Kafka"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,11 @@ struct RunArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     init_tracing(default_level);
     let result = match cli.command {
         Command::Validate { file } => return validate(&file),
@@ -84,14 +92,19 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 /// JSON logs when not on a terminal (containers), human ones otherwise.
 fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AUGUR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.init();
     } else {
@@ -102,7 +115,12 @@ fn init_tracing(default_level: &str) {
 fn validate(file: &Path) -> ExitCode {
     match Topology::load(file) {
         Ok(topology) => {
-            println!("{}: ok ({} features, app {})", file.display(), topology.features.len(), topology.app);
+            println!(
+                "{}: ok ({} features, app {})",
+                file.display(),
+                topology.features.len(),
+                topology.app
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -114,7 +132,11 @@ fn validate(file: &Path) -> ExitCode {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let topology = Topology::load(&args.topology)?;
-    let dir = args.topology.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = args
+        .topology
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let mut settings = WorkerSettings::from_topology(topology, dir);
     if let Some(brokers) = args.brokers {
         settings.brokers = brokers;
@@ -133,13 +155,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--session-timeout / AUGUR_SESSION_TIMEOUT: {e}"))?;
     }
     settings.log_features |= args.log_features;
-    let listen = args.admin_listen.unwrap_or_else(|| settings.topology.admin.listen.clone());
+    let listen = args
+        .admin_listen
+        .unwrap_or_else(|| settings.topology.admin.listen.clone());
 
     let stats = Arc::new(Stats::default());
     let ready = Arc::new(AtomicBool::new(false));
     let handle = crate::metrics::install().context("installing the metrics recorder")?;
     if !listen.is_empty() {
-        let addr: SocketAddr = listen.parse().with_context(|| format!("admin address \"{listen}\""))?;
+        let addr: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("admin address \"{listen}\""))?;
         let bound = crate::admin::serve(addr, handle, Arc::clone(&ready))
             .await
             .with_context(|| format!("binding the admin server on {addr}"))?;

@@ -53,14 +53,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let cluster = MockCluster::new(1).context("starting the embedded broker")?;
     let brokers = cluster.bootstrap_servers();
-    let mut topology = Topology::parse(TOPOLOGY).map_err(|(_, m)| anyhow::anyhow!("built-in topology: {m}"))?;
+    let mut topology =
+        Topology::parse(TOPOLOGY).map_err(|(_, m)| anyhow::anyhow!("built-in topology: {m}"))?;
     topology.model.registry = "models".into();
     for (name, partitions) in [
         (topology.source.topic.clone(), args.partitions),
         (topology.sinks.predictions.topic.clone(), args.partitions),
         (topology.sinks.dead_letter.topic.clone(), 1),
     ] {
-        cluster.create_topic(&name, partitions, 1).with_context(|| format!("creating topic {name}"))?;
+        cluster
+            .create_topic(&name, partitions, 1)
+            .with_context(|| format!("creating topic {name}"))?;
     }
 
     let mut settings = WorkerSettings::from_topology(topology, work.path().to_owned());
@@ -71,7 +74,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let ready = Arc::new(AtomicBool::new(false));
     let handle = crate::metrics::install()?;
-    let admin = match crate::admin::serve(args.admin_listen, handle.clone(), Arc::clone(&ready)).await {
+    let admin = match crate::admin::serve(args.admin_listen, handle.clone(), Arc::clone(&ready))
+        .await
+    {
         Ok(addr) => addr,
         Err(_) => crate::admin::serve("127.0.0.1:0".parse()?, handle, Arc::clone(&ready)).await?,
     };
@@ -82,7 +87,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .create()
         .context("creating the generator's producer")?;
     let stop = Arc::new(AtomicBool::new(false));
-    let generator = tokio::spawn(generate(producer, settings.topology.source.topic.clone(), args.rate, args.users, args.bad_every, Arc::clone(&stop)));
+    let generator = tokio::spawn(generate(
+        producer,
+        settings.topology.source.topic.clone(),
+        args.rate,
+        args.users,
+        args.bad_every,
+        Arc::clone(&stop),
+    ));
     let status = tokio::spawn(status_line(Arc::clone(&stats), admin, Arc::clone(&stop)));
 
     println!(
@@ -115,7 +127,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
 /// Produces scenario events at `rate` per second, event time = now, with an occasional
 /// invalid record so that the dead-letter path shows.
-async fn generate(producer: FutureProducer, topic: String, rate: u32, users: u32, bad_every: u64, stop: Arc<AtomicBool>) {
+async fn generate(
+    producer: FutureProducer,
+    topic: String,
+    rate: u32,
+    users: u32,
+    bad_every: u64,
+    stop: Arc<AtomicBool>,
+) {
     let mut generator = Generator::new(42, users);
     let started = Instant::now();
     let mut sent: u64 = 0;
@@ -127,11 +146,16 @@ async fn generate(producer: FutureProducer, topic: String, rate: u32, users: u32
             sent += 1;
             let event = generator.next_event(crate::codec::now_ms());
             let payload = if bad_every > 0 && sent % bad_every == 0 {
-                format!("{{\"event_id\":\"{}\",\"user_id\":\"{}\",\"ts\":\"yesterday\"}}", event.event_id, event.user_id)
+                format!(
+                    "{{\"event_id\":\"{}\",\"user_id\":\"{}\",\"ts\":\"yesterday\"}}",
+                    event.event_id, event.user_id
+                )
             } else {
                 event_json(&event)
             };
-            let record = FutureRecord::to(&topic).key(&event.user_id).payload(&payload);
+            let record = FutureRecord::to(&topic)
+                .key(&event.user_id)
+                .payload(&payload);
             if let Err((e, _)) = producer.send_result(record) {
                 tracing::warn!(error = %e, "demo generator could not queue an event");
             }

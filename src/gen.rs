@@ -5,7 +5,17 @@
 use crate::codec::{Event, EventType};
 
 const CATEGORIES: [&str; 12] = [
-    "books", "music", "toys", "tools", "garden", "sports", "fashion", "beauty", "grocery", "electronics", "home",
+    "books",
+    "music",
+    "toys",
+    "tools",
+    "garden",
+    "sports",
+    "fashion",
+    "beauty",
+    "grocery",
+    "electronics",
+    "home",
     "games",
 ];
 const ITEMS: u64 = 500;
@@ -129,7 +139,12 @@ mod tests {
             let ts = 1_767_225_600_000 + i * 1000;
             let e = a.next_event(ts);
             assert_eq!(e, b.next_event(ts));
-            let decoded = crate::codec::decode_event(crate::codec::Codec::Json, event_json(&e).as_bytes(), ts).unwrap();
+            let decoded = crate::codec::decode_event(
+                crate::codec::Codec::Json,
+                event_json(&e).as_bytes(),
+                ts,
+            )
+            .unwrap();
             assert_eq!(decoded, e);
         }
     }

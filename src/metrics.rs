@@ -24,7 +24,9 @@ pub const ASSIGNED_PARTITIONS: &str = "augur_source_assigned_partitions";
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 ];
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// Installs the Prometheus recorder; the handle renders `/metrics`. Every histogram
 /// gets explicit buckets (the exporter would otherwise emit summaries).
@@ -40,11 +42,22 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(SOURCE_EVENTS, "Input records read");
-    describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic, by reason");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Records sent to the dead-letter topic, by reason"
+    );
     describe_counter!(PREDICTIONS, "Predictions produced");
-    describe_histogram!(E2E_LATENCY, Unit::Seconds, "Input record timestamp to prediction produce time");
+    describe_histogram!(
+        E2E_LATENCY,
+        Unit::Seconds,
+        "Input record timestamp to prediction produce time"
+    );
     describe_histogram!(BATCH_ROWS, "Rows per model call");
-    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Partition checkpoint duration");
+    describe_histogram!(
+        CHECKPOINT_SECONDS,
+        Unit::Seconds,
+        "Partition checkpoint duration"
+    );
     describe_gauge!(HOT_USERS, "Users in a partition's hot map");
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions owned by this worker");
 }

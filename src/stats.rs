@@ -13,7 +13,9 @@ impl LatencyHistogram {
     const BUCKETS: usize = 128;
 
     pub fn new() -> Self {
-        Self { buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
     }
 
     fn index(micros: u64) -> usize {

@@ -16,7 +16,9 @@ use rdkafka::Message;
 const TS: i64 = 1_767_225_703_544;
 
 fn event(id: &str, user: &str, ts: i64, kind: &str) -> String {
-    format!(r#"{{"event_id":"{id}","user_id":"{user}","ts":{ts},"type":"{kind}","item_id":"i-1","category":"books"}}"#)
+    format!(
+        r#"{{"event_id":"{id}","user_id":"{user}","ts":{ts},"type":"{kind}","item_id":"i-1","category":"books"}}"#
+    )
 }
 
 /// (key, payload, expected reason); `None` reason means a valid record.
@@ -40,14 +42,31 @@ fn json_cases() -> Vec<(Option<String>, Vec<u8>, Option<&'static str>)> {
     ];
     let mut cases = Vec::new();
     // The user whose late event is refused: first an event at TS, then one 2 h older.
-    cases.push((Some("u-late".to_owned()), event("late-0", "u-late", TS, "click").into_bytes(), None));
+    cases.push((
+        Some("u-late".to_owned()),
+        event("late-0", "u-late", TS, "click").into_bytes(),
+        None,
+    ));
     for (i, (key, payload, reason)) in bad.into_iter().enumerate() {
         cases.push((key.map(str::to_owned), payload.into_bytes(), Some(reason)));
-        let ok = event(&format!("ok-{i}"), "u-ok", TS + i as i64 * 1000, "impression");
+        let ok = event(
+            &format!("ok-{i}"),
+            "u-ok",
+            TS + i as i64 * 1000,
+            "impression",
+        );
         cases.push((Some("u-ok".into()), ok.into_bytes(), None));
     }
-    cases.push((Some("u-late".into()), event("late-1", "u-late", TS - 2 * 3_600_000, "impression").into_bytes(), Some("late")));
-    cases.push((Some("u-ok".into()), event("ok-last", "u-ok", TS + 60_000, "impression").into_bytes(), None));
+    cases.push((
+        Some("u-late".into()),
+        event("late-1", "u-late", TS - 2 * 3_600_000, "impression").into_bytes(),
+        Some("late"),
+    ));
+    cases.push((
+        Some("u-ok".into()),
+        event("ok-last", "u-ok", TS + 60_000, "impression").into_bytes(),
+        None,
+    ));
     cases
 }
 
@@ -56,7 +75,11 @@ fn proto_event(id: &str, amount: Option<f64>) -> Vec<u8> {
         event_id: id.into(),
         user_id: "u-p".into(),
         ts: TS,
-        r#type: if amount.is_some() { "purchase".into() } else { "impression".into() },
+        r#type: if amount.is_some() {
+            "purchase".into()
+        } else {
+            "impression".into()
+        },
         item_id: "i-1".into(),
         category: "books".into(),
         amount,
@@ -69,12 +92,32 @@ fn proto_cases() -> Vec<(Option<String>, Vec<u8>, Option<&'static str>)> {
     let key = || Some("u-p".to_owned());
     vec![
         (key(), proto_event("p-0", None), None),
-        (key(), whole[..whole.len() - 4].to_vec(), Some("invalid_protobuf")),
+        (
+            key(),
+            whole[..whole.len() - 4].to_vec(),
+            Some("invalid_protobuf"),
+        ),
         (key(), proto_event("p-1", None), None),
-        (key(), proto_event("nan", Some(f64::NAN)), Some("invalid_amount")),
-        (key(), proto_event("neg", Some(-1.0)), Some("invalid_amount")),
-        (key(), proto_event("inf", Some(f64::INFINITY)), Some("invalid_amount")),
-        (key(), b"{\"json\": \"in a protobuf topic\"}".to_vec(), Some("invalid_protobuf")),
+        (
+            key(),
+            proto_event("nan", Some(f64::NAN)),
+            Some("invalid_amount"),
+        ),
+        (
+            key(),
+            proto_event("neg", Some(-1.0)),
+            Some("invalid_amount"),
+        ),
+        (
+            key(),
+            proto_event("inf", Some(f64::INFINITY)),
+            Some("invalid_amount"),
+        ),
+        (
+            key(),
+            b"{\"json\": \"in a protobuf topic\"}".to_vec(),
+            Some("invalid_protobuf"),
+        ),
         (key(), proto_event("p-2", None), None),
     ]
 }
@@ -86,19 +129,38 @@ fn run_case_set(codec: &str, cases: Vec<(Option<String>, Vec<u8>, Option<&'stati
     let topology = write_topology(dir.path(), &topics, codec);
     let producer = broker.producer();
     for (i, (key, payload, _)) in cases.iter().enumerate() {
-        let headers = OwnedHeaders::new().insert(Header { key: "trace-id", value: Some(format!("t-{i}").as_bytes()) });
-        let mut record = BaseRecord::<str, [u8]>::to(&topics.events).payload(payload.as_slice()).headers(headers);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "trace-id",
+            value: Some(format!("t-{i}").as_bytes()),
+        });
+        let mut record = BaseRecord::<str, [u8]>::to(&topics.events)
+            .payload(payload.as_slice())
+            .headers(headers);
         if let Some(key) = key {
             record = record.key(key.as_str());
         }
-        producer.send(record).map_err(|(e, _)| e).expect("queue record");
+        producer
+            .send(record)
+            .map_err(|(e, _)| e)
+            .expect("queue record");
     }
     producer.flush(Duration::from_secs(30)).unwrap();
 
-    let augur = Augur::start(&topology, &broker.brokers, &unique("g"), &unique("i"), &dir.path().join("state"));
-    let expected_dead: Vec<(usize, &str)> =
-        cases.iter().enumerate().filter_map(|(i, c)| c.2.map(|r| (i, r))).collect();
-    let dead = broker.read_topic(&topics.dead_letter, 1, Duration::from_secs(120), |m| m.len() >= expected_dead.len());
+    let augur = Augur::start(
+        &topology,
+        &broker.brokers,
+        &unique("g"),
+        &unique("i"),
+        &dir.path().join("state"),
+    );
+    let expected_dead: Vec<(usize, &str)> = cases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.2.map(|r| (i, r)))
+        .collect();
+    let dead = broker.read_topic(&topics.dead_letter, 1, Duration::from_secs(120), |m| {
+        m.len() >= expected_dead.len()
+    });
     // Everything valid after the bad records was scored: the partition kept flowing.
     let scored_ids: Vec<String> = cases
         .iter()
@@ -106,16 +168,21 @@ fn run_case_set(codec: &str, cases: Vec<(Option<String>, Vec<u8>, Option<&'stati
         .filter_map(|c| {
             let text = String::from_utf8_lossy(&c.1).into_owned();
             match codec {
-                "json" if text.contains("impression") => serde_json::from_str::<serde_json::Value>(&text)
+                "json" if text.contains("impression") => {
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .map(|v| v["event_id"].as_str().unwrap().to_owned())
+                }
+                "protobuf" => augur::proto::UserEvent::decode(c.1.as_slice())
                     .ok()
-                    .map(|v| v["event_id"].as_str().unwrap().to_owned()),
-                "protobuf" => augur::proto::UserEvent::decode(c.1.as_slice()).ok().map(|e| e.event_id),
+                    .map(|e| e.event_id),
                 _ => None,
             }
         })
         .collect();
-    let predictions =
-        broker.read_topic(&topics.predictions, 1, Duration::from_secs(60), |m| predictions_by_event(m).len() >= scored_ids.len());
+    let predictions = broker.read_topic(&topics.predictions, 1, Duration::from_secs(60), |m| {
+        predictions_by_event(m).len() >= scored_ids.len()
+    });
     // Give a wrongly duplicated dead letter time to show up before counting.
     std::thread::sleep(Duration::from_secs(2));
     let dead_again = broker.read_topic(&topics.dead_letter, 1, Duration::from_secs(5), |_| false);
@@ -123,9 +190,16 @@ fn run_case_set(codec: &str, cases: Vec<(Option<String>, Vec<u8>, Option<&'stati
 
     let predicted = predictions_by_event(&predictions);
     for id in &scored_ids {
-        assert!(predicted.contains_key(id), "valid event {id} after bad input was not scored");
+        assert!(
+            predicted.contains_key(id),
+            "valid event {id} after bad input was not scored"
+        );
     }
-    assert_eq!(dead_again.len(), expected_dead.len(), "exactly one dead letter per bad record");
+    assert_eq!(
+        dead_again.len(),
+        expected_dead.len(),
+        "exactly one dead letter per bad record"
+    );
     let mut by_offset: HashMap<i64, &rdkafka::message::OwnedMessage> = HashMap::new();
     for m in &dead {
         let headers = m.headers().expect("dead letters carry headers");
@@ -143,14 +217,41 @@ fn run_case_set(codec: &str, cases: Vec<(Option<String>, Vec<u8>, Option<&'stati
         by_offset.insert(get("augur.source.offset").parse().unwrap(), m);
     }
     for (offset, reason) in expected_dead {
-        let m = by_offset.get(&(offset as i64)).unwrap_or_else(|| panic!("no dead letter for offset {offset} ({reason})"));
+        let m = by_offset
+            .get(&(offset as i64))
+            .unwrap_or_else(|| panic!("no dead letter for offset {offset} ({reason})"));
         let headers = m.headers().unwrap();
-        let header = |name: &str| headers.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| v.to_vec());
-        assert_eq!(header("augur.reason").as_deref(), Some(reason.as_bytes()), "offset {offset}");
-        assert_eq!(m.payload().unwrap_or_default(), cases[offset].1.as_slice(), "offset {offset}: original bytes kept");
-        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).filter(|k| !k.is_empty());
-        assert_eq!(key, cases[offset].0.clone().filter(|k| !k.is_empty()), "offset {offset}: original key kept");
-        assert_eq!(header("trace-id"), Some(format!("t-{offset}").into_bytes()), "offset {offset}: original headers kept");
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| v.to_vec())
+        };
+        assert_eq!(
+            header("augur.reason").as_deref(),
+            Some(reason.as_bytes()),
+            "offset {offset}"
+        );
+        assert_eq!(
+            m.payload().unwrap_or_default(),
+            cases[offset].1.as_slice(),
+            "offset {offset}: original bytes kept"
+        );
+        let key = m
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .filter(|k| !k.is_empty());
+        assert_eq!(
+            key,
+            cases[offset].0.clone().filter(|k| !k.is_empty()),
+            "offset {offset}: original key kept"
+        );
+        assert_eq!(
+            header("trace-id"),
+            Some(format!("t-{offset}").into_bytes()),
+            "offset {offset}: original headers kept"
+        );
     }
 }
 

@@ -15,7 +15,12 @@ fn impression_ids() -> Vec<String> {
     golden_events()
         .iter()
         .filter(|(_, line)| line.contains("\"type\": \"impression\""))
-        .map(|(_, line)| serde_json::from_str::<serde_json::Value>(line).unwrap()["event_id"].as_str().unwrap().to_owned())
+        .map(|(_, line)| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect()
 }
 
@@ -27,11 +32,19 @@ fn check_against_golden(predictions: &HashMap<String, Vec<serde_json::Value>>) {
     assert_eq!(impressions.len(), 12_454);
     let mut duplicates = 0;
     for id in &impressions {
-        let copies = predictions.get(id).unwrap_or_else(|| panic!("impression {id} has no prediction"));
+        let copies = predictions
+            .get(id)
+            .unwrap_or_else(|| panic!("impression {id} has no prediction"));
         for copy in &copies[1..] {
             duplicates += 1;
-            assert_eq!(copy["score"], copies[0]["score"], "re-emitted prediction for {id} differs");
-            assert_eq!(copy["features"], copies[0]["features"], "re-emitted features for {id} differ");
+            assert_eq!(
+                copy["score"], copies[0]["score"],
+                "re-emitted prediction for {id} differs"
+            );
+            assert_eq!(
+                copy["features"], copies[0]["features"],
+                "re-emitted features for {id} differ"
+            );
             assert_eq!(copy["version"], copies[0]["version"]);
         }
         let p = &copies[0];
@@ -40,13 +53,25 @@ fn check_against_golden(predictions: &HashMap<String, Vec<serde_json::Value>>) {
         assert!((0.0..=1.0).contains(&score), "{id}: score {score}");
         let want = &golden[id];
         for (name, want) in names.iter().zip(want) {
-            let got = p["features"][name].as_f64().unwrap_or_else(|| panic!("{id}: feature {name} missing"));
+            let got = p["features"][name]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{id}: feature {name} missing"));
             assert_feature_eq(id, name, got, *want);
         }
     }
-    let extra: Vec<_> = predictions.keys().filter(|k| !golden.contains_key(*k)).take(3).collect();
-    assert!(extra.is_empty(), "predictions for unknown events: {extra:?}");
-    eprintln!("checked {} impressions against golden; {duplicates} identical re-emissions", impressions.len());
+    let extra: Vec<_> = predictions
+        .keys()
+        .filter(|k| !golden.contains_key(*k))
+        .take(3)
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "predictions for unknown events: {extra:?}"
+    );
+    eprintln!(
+        "checked {} impressions against golden; {duplicates} identical re-emissions",
+        impressions.len()
+    );
 }
 
 /// The final sled state: each user's lifetime event count equals its number of golden
@@ -70,7 +95,11 @@ fn check_state_counts(state_dir: &std::path::Path, topic: &str) {
                     _ => None,
                 })
                 .unwrap();
-            assert_eq!(Some(&lifetime), expected.get(&user), "user {user}: events applied to state");
+            assert_eq!(
+                Some(&lifetime),
+                expected.get(&user),
+                "user {user}: events applied to state"
+            );
             seen += 1;
         }
     }
@@ -78,12 +107,23 @@ fn check_state_counts(state_dir: &std::path::Path, topic: &str) {
 }
 
 /// Reads the predictions topic until `want` distinct events have a prediction.
-fn wait_for(broker: &Broker, topic: &str, want: usize, timeout: Duration) -> HashMap<String, Vec<serde_json::Value>> {
-    let messages = broker.read_topic(topic, PARTITIONS, timeout, |msgs| predictions_by_event(msgs).len() >= want);
+fn wait_for(
+    broker: &Broker,
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+) -> HashMap<String, Vec<serde_json::Value>> {
+    let messages = broker.read_topic(topic, PARTITIONS, timeout, |msgs| {
+        predictions_by_event(msgs).len() >= want
+    });
     predictions_by_event(&messages)
 }
 
-fn wait_for_all(broker: &Broker, topic: &str, timeout: Duration) -> HashMap<String, Vec<serde_json::Value>> {
+fn wait_for_all(
+    broker: &Broker,
+    topic: &str,
+    timeout: Duration,
+) -> HashMap<String, Vec<serde_json::Value>> {
     wait_for(broker, topic, impression_ids().len(), timeout)
 }
 
@@ -96,9 +136,18 @@ fn golden_stream_features_match_pandas() {
     produce_keyed(&broker.producer(), &topics.events, &golden_events());
 
     let state = dir.path().join("state");
-    let augur = Augur::start(&topology, &broker.brokers, &unique("g"), &unique("i"), &state);
+    let augur = Augur::start(
+        &topology,
+        &broker.brokers,
+        &unique("g"),
+        &unique("i"),
+        &state,
+    );
     let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(180));
-    assert!(augur.terminate(Duration::from_secs(30)), "augur exits cleanly on SIGTERM");
+    assert!(
+        augur.terminate(Duration::from_secs(30)),
+        "augur exits cleanly on SIGTERM"
+    );
     check_against_golden(&predictions);
     check_state_counts(&state, &topics.events);
 }
@@ -111,19 +160,36 @@ fn golden_stream_survives_sigkill() {
     // Each SIGKILL lands 0.3-0.7 s after a slice is produced, before the next 2 s
     // checkpoint, so processed-but-unchecked work is lost and must be redone from the
     // sled offset without applying any event twice.
-    let topology =
-        write_topology_with(dir.path(), &topics, "json", &[("checkpoint_interval: 1s", "checkpoint_interval: 2s"), ("max_poll_interval: 30s", "max_poll_interval: 10s")]);
+    let topology = write_topology_with(
+        dir.path(),
+        &topics,
+        "json",
+        &[
+            ("checkpoint_interval: 1s", "checkpoint_interval: 2s"),
+            ("max_poll_interval: 30s", "max_poll_interval: 10s"),
+        ],
+    );
     let state = dir.path().join("state");
     let (group, instance) = (unique("g"), unique("i"));
     let events = golden_events();
     let producer = broker.producer();
     let slices: Vec<&[(String, String)]> = events.chunks(events.len() / 5 + 1).collect();
-    let impressions_before = |n: usize| slices[..n].iter().map(|s| s.iter().filter(|(_, l)| l.contains("impression")).count()).sum::<usize>();
+    let impressions_before = |n: usize| {
+        slices[..n]
+            .iter()
+            .map(|s| s.iter().filter(|(_, l)| l.contains("impression")).count())
+            .sum::<usize>()
+    };
     let started = Instant::now();
 
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
     produce_keyed(&producer, &topics.events, slices[0]);
-    wait_for(&broker, &topics.predictions, impressions_before(1), Duration::from_secs(120));
+    wait_for(
+        &broker,
+        &topics.predictions,
+        impressions_before(1),
+        Duration::from_secs(120),
+    );
     std::thread::sleep(Duration::from_millis(2500)); // a checkpoint covers slice 0
     produce_keyed(&producer, &topics.events, slices[1]);
     std::thread::sleep(Duration::from_millis(700));
@@ -131,7 +197,12 @@ fn golden_stream_survives_sigkill() {
 
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
     produce_keyed(&producer, &topics.events, slices[2]);
-    wait_for(&broker, &topics.predictions, impressions_before(3), Duration::from_secs(120));
+    wait_for(
+        &broker,
+        &topics.predictions,
+        impressions_before(3),
+        Duration::from_secs(120),
+    );
     std::thread::sleep(Duration::from_millis(2500));
     produce_keyed(&producer, &topics.events, slices[3]);
     std::thread::sleep(Duration::from_millis(300));
@@ -140,7 +211,10 @@ fn golden_stream_survives_sigkill() {
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
     produce_keyed(&producer, &topics.events, slices[4]);
     let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(180));
-    assert!(augur.terminate(Duration::from_secs(30)), "augur exits cleanly on SIGTERM");
+    assert!(
+        augur.terminate(Duration::from_secs(30)),
+        "augur exits cleanly on SIGTERM"
+    );
     eprintln!("stream with 2 SIGKILLs took {:?}", started.elapsed());
     check_against_golden(&predictions);
     check_state_counts(&state, &topics.events);

@@ -18,7 +18,11 @@ fn check_model(version: u32) {
     let mut flat = Vec::with_capacity(ids.len() * names.len());
     for id in &ids {
         let row = &rows[*id];
-        text += &row.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(",");
+        text += &row
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect::<Vec<_>>()
+            .join(",");
         text += "\n";
         flat.extend_from_slice(row);
     }
@@ -31,9 +35,16 @@ fn check_model(version: u32) {
         .arg(model_dir.join("model.onnx"))
         .output()
         .expect("running onnxruntime");
-    assert!(output.status.success(), "onnx_score.py failed: {}", String::from_utf8_lossy(&output.stderr));
-    let reference: Vec<f64> =
-        String::from_utf8(output.stdout).unwrap().lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert!(
+        output.status.success(),
+        "onnx_score.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reference: Vec<f64> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
     assert_eq!(reference.len(), ids.len());
 
     let model = Model::load(&model_dir, &names).unwrap();
@@ -48,9 +59,17 @@ fn check_model(version: u32) {
     for (i, (got, want)) in scores.iter().zip(&reference).enumerate() {
         let diff = (got - want).abs();
         worst = worst.max(diff);
-        assert!(diff <= 1e-5, "row {} ({}): tract {got}, onnxruntime {want}", i, ids[i]);
+        assert!(
+            diff <= 1e-5,
+            "row {} ({}): tract {got}, onnxruntime {want}",
+            i,
+            ids[i]
+        );
     }
-    eprintln!("model v{version}: {} rows, max |tract - onnxruntime| = {worst:e}", scores.len());
+    eprintln!(
+        "model v{version}: {} rows, max |tract - onnxruntime| = {worst:e}",
+        scores.len()
+    );
 }
 
 #[test]
@@ -65,7 +84,15 @@ fn tract_scores_equal_onnxruntime_v2() {
 
 #[test]
 fn a_model_whose_features_the_topology_lacks_is_refused() {
-    let names: Vec<String> = ["impressions_1h", "clicks_1h"].iter().map(|s| s.to_string()).collect();
-    let err = Model::load(&repo_root().join("models/ctr/1"), &names).unwrap_err().to_string();
-    assert!(err.contains("ctr v1") && err.contains("\"ctr_1h\" is not produced by the topology"), "{err}");
+    let names: Vec<String> = ["impressions_1h", "clicks_1h"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let err = Model::load(&repo_root().join("models/ctr/1"), &names)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ctr v1") && err.contains("\"ctr_1h\" is not produced by the topology"),
+        "{err}"
+    );
 }

@@ -11,8 +11,15 @@ fn validate(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.yaml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(augur_bin()).arg("validate").arg(&path).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
+    let out = Command::new(augur_bin())
+        .arg("validate")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
 }
 
 fn reference() -> String {
@@ -35,26 +42,94 @@ fn the_reference_topology_is_valid() {
 #[test]
 fn invalid_topologies_are_refused_with_the_path_of_each_problem() {
     let cases: Vec<(String, Vec<&str>)> = vec![
-        (with("window: 24h, resolution: 1h }", "window: 1.5h, resolution: 1h }"), vec!["features[3].window: \"1.5h\": whole units only"]),
-        (with("kind: lifetime_count", "kind: lifetime_counter"), vec!["features[11].kind: unknown kind \"lifetime_counter\""]),
-        (with("numerator: clicks_1h,", "numerator: clicks_2h,"), vec!["features[2].numerator: \"clicks_2h\" is not a feature declared before"]),
-        (with("window: 1h,  resolution: 1m }", "window: 1h,  resolution: 7m }"), vec!["features[0].window: 1h is not a multiple of the resolution 7m"]),
-        (with("codec: json            # json | protobuf", "codec: avro"), vec!["source.codec: unknown codec \"avro\""]),
-        (with("event_types: [impression]", "event_types: [view]"), vec!["scoring.event_types[0]: unknown event type \"view\""]),
-        (with("topic: predictions,", "topic: \"bad topic!\","), vec!["sinks.predictions.topic: \"bad topic!\" is not a legal Kafka topic name"]),
-        (with("name: clicks_1h,", "name: impressions_1h,"), vec!["features[1].name: duplicate feature name \"impressions_1h\""]),
-        (with("filter: { type: click },      window: 1h", "filter: { type: [click, scroll] }, window: 1h"), vec!["features[1].filter.type[1]: unknown event type \"scroll\""]),
-        (with("checkpoint_interval: 1s", "checkpoint_interval: 0s"), vec!["state.checkpoint_interval: must be greater than zero"]),
-        (with("kind: since_last, unit: 1s,", "kind: since_last, unit: 1s, window: 1h,"), vec!["features[9].window: not used by kind \"since_last\""]),
-        (with("kind: mean\n    field: amount", "kind: mean\n    field: category"), vec!["features[7].field: \"category\" is not a numeric field"]),
-        (with("source:\n  topic", "sourc:\n  topic"), vec!["unknown field `sourc`"]),
-        (with("  max_batch: 256", "  max_batch: lots"), vec!["scoring.max_batch: invalid type"]),
-        (with("lateness: 1h ", "lateness: soon "), vec!["source.lateness: "]),
-        (with("listen: 127.0.0.1:9898", "listen: everywhere"), vec!["admin.listen: expected host:port"]),
+        (
+            with(
+                "window: 24h, resolution: 1h }",
+                "window: 1.5h, resolution: 1h }",
+            ),
+            vec!["features[3].window: \"1.5h\": whole units only"],
+        ),
+        (
+            with("kind: lifetime_count", "kind: lifetime_counter"),
+            vec!["features[11].kind: unknown kind \"lifetime_counter\""],
+        ),
+        (
+            with("numerator: clicks_1h,", "numerator: clicks_2h,"),
+            vec!["features[2].numerator: \"clicks_2h\" is not a feature declared before"],
+        ),
+        (
+            with(
+                "window: 1h,  resolution: 1m }",
+                "window: 1h,  resolution: 7m }",
+            ),
+            vec!["features[0].window: 1h is not a multiple of the resolution 7m"],
+        ),
+        (
+            with("codec: json            # json | protobuf", "codec: avro"),
+            vec!["source.codec: unknown codec \"avro\""],
+        ),
+        (
+            with("event_types: [impression]", "event_types: [view]"),
+            vec!["scoring.event_types[0]: unknown event type \"view\""],
+        ),
+        (
+            with("topic: predictions,", "topic: \"bad topic!\","),
+            vec!["sinks.predictions.topic: \"bad topic!\" is not a legal Kafka topic name"],
+        ),
+        (
+            with("name: clicks_1h,", "name: impressions_1h,"),
+            vec!["features[1].name: duplicate feature name \"impressions_1h\""],
+        ),
+        (
+            with(
+                "filter: { type: click },      window: 1h",
+                "filter: { type: [click, scroll] }, window: 1h",
+            ),
+            vec!["features[1].filter.type[1]: unknown event type \"scroll\""],
+        ),
+        (
+            with("checkpoint_interval: 1s", "checkpoint_interval: 0s"),
+            vec!["state.checkpoint_interval: must be greater than zero"],
+        ),
+        (
+            with(
+                "kind: since_last, unit: 1s,",
+                "kind: since_last, unit: 1s, window: 1h,",
+            ),
+            vec!["features[9].window: not used by kind \"since_last\""],
+        ),
+        (
+            with(
+                "kind: mean\n    field: amount",
+                "kind: mean\n    field: category",
+            ),
+            vec!["features[7].field: \"category\" is not a numeric field"],
+        ),
+        (
+            with("source:\n  topic", "sourc:\n  topic"),
+            vec!["unknown field `sourc`"],
+        ),
+        (
+            with("  max_batch: 256", "  max_batch: lots"),
+            vec!["scoring.max_batch: invalid type"],
+        ),
+        (
+            with("lateness: 1h ", "lateness: soon "),
+            vec!["source.lateness: "],
+        ),
+        (
+            with("listen: 127.0.0.1:9898", "listen: everywhere"),
+            vec!["admin.listen: expected host:port"],
+        ),
         // Several problems at once: every one is listed.
         (
-            with("codec: json            # json | protobuf", "codec: xml").replace("resolution: 1m }", "resolution: 0m }"),
-            vec!["source.codec: unknown codec \"xml\"", "features[0].resolution: must be greater than zero", "features[1].resolution: must be greater than zero"],
+            with("codec: json            # json | protobuf", "codec: xml")
+                .replace("resolution: 1m }", "resolution: 0m }"),
+            vec![
+                "source.codec: unknown codec \"xml\"",
+                "features[0].resolution: must be greater than zero",
+                "features[1].resolution: must be greater than zero",
+            ],
         ),
     ];
     assert!(cases.len() >= 8);
@@ -69,7 +144,11 @@ fn invalid_topologies_are_refused_with_the_path_of_each_problem() {
 
 #[test]
 fn a_missing_file_is_named() {
-    let out = Command::new(augur_bin()).args(["validate", "/nonexistent/topology.yaml"]).output().unwrap();
+    let out = Command::new(augur_bin())
+        .args(["validate", "/nonexistent/topology.yaml"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read topology /nonexistent/topology.yaml"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot read topology /nonexistent/topology.yaml"));
 }

@@ -172,13 +172,18 @@ pub fn decode_json(payload: &[u8]) -> Result<Event, Rejection> {
     let raw = deserializer
         .deserialize_map(RawEventVisitor)
         .and_then(|raw| deserializer.end().map(|()| raw))
-        .map_err(|e| Rejection::new(Reason::InvalidJson, format!("not a JSON event object: {e}")))?;
+        .map_err(|e| {
+            Rejection::new(Reason::InvalidJson, format!("not a JSON event object: {e}"))
+        })?;
 
     let kind_name = required_string(raw.kind, "type")?;
     let kind = EventType::parse(&kind_name).ok_or_else(|| {
         Rejection::new(
             Reason::UnknownType,
-            format!("field \"type\": unknown event type \"{}\"", truncate(&kind_name, 40)),
+            format!(
+                "field \"type\": unknown event type \"{}\"",
+                truncate(&kind_name, 40)
+            ),
         )
     })?;
     Ok(Event {
@@ -193,13 +198,19 @@ pub fn decode_json(payload: &[u8]) -> Result<Event, Rejection> {
 }
 
 fn missing(field: &str) -> Rejection {
-    Rejection::new(Reason::MissingField, format!("field \"{field}\" is missing"))
+    Rejection::new(
+        Reason::MissingField,
+        format!("field \"{field}\" is missing"),
+    )
 }
 
 fn mistyped(field: &str, expected: &str, got: &Scalar) -> Rejection {
     Rejection::new(
         Reason::WrongType,
-        format!("field \"{field}\": expected {expected}, got {}", got.describe()),
+        format!(
+            "field \"{field}\": expected {expected}, got {}",
+            got.describe()
+        ),
     )
 }
 

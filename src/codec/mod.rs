@@ -166,7 +166,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
-        Self { reason, detail: detail.into() }
+        Self {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -185,21 +188,33 @@ pub fn decode_event(codec: Codec, payload: &[u8], now_ms: i64) -> Result<Event, 
 /// The value checks shared by every codec.
 fn validate_event(event: &Event, now_ms: i64) -> Result<(), Rejection> {
     if event.user_id.is_empty() {
-        return Err(Rejection::new(Reason::MissingField, "field \"user_id\" is empty"));
+        return Err(Rejection::new(
+            Reason::MissingField,
+            "field \"user_id\" is empty",
+        ));
     }
     if event.event_id.is_empty() {
-        return Err(Rejection::new(Reason::MissingField, "field \"event_id\" is empty"));
+        return Err(Rejection::new(
+            Reason::MissingField,
+            "field \"event_id\" is empty",
+        ));
     }
     if event.ts < MIN_TS_MS || event.ts > now_ms.saturating_add(MAX_FUTURE_MS) {
         return Err(Rejection::new(
             Reason::TsOutOfRange,
-            format!("field \"ts\": {} is outside 2000-01-01 .. now + 1 day", event.ts),
+            format!(
+                "field \"ts\": {} is outside 2000-01-01 .. now + 1 day",
+                event.ts
+            ),
         ));
     }
     if !event.amount.is_finite() || event.amount < 0.0 {
         return Err(Rejection::new(
             Reason::InvalidAmount,
-            format!("field \"amount\": expected a finite non-negative number, got {}", event.amount),
+            format!(
+                "field \"amount\": expected a finite non-negative number, got {}",
+                event.amount
+            ),
         ));
     }
     Ok(())
@@ -242,12 +257,30 @@ mod tests {
     fn each_bad_input_has_its_reason() {
         let cases = [
             ("not json", Reason::InvalidJson),
-            (r#"{"event_id":"e","ts":1767225703544,"type":"click","item_id":"i","category":"c"}"#, Reason::MissingField),
-            (r#"{"event_id":"e","user_id":"u","ts":"abc","type":"click","item_id":"i","category":"c"}"#, Reason::WrongType),
-            (r#"{"event_id":"e","user_id":"u","ts":1767225703544,"type":"hover","item_id":"i","category":"c"}"#, Reason::UnknownType),
-            (r#"{"event_id":"e","user_id":"u","ts":1767225703544,"type":"purchase","item_id":"i","category":"c","amount":-1}"#, Reason::InvalidAmount),
-            (r#"{"event_id":"e","user_id":"u","ts":5,"type":"click","item_id":"i","category":"c"}"#, Reason::TsOutOfRange),
-            (r#"{"event_id":"e","user_id":"u","ts":1867225703544,"type":"click","item_id":"i","category":"c"}"#, Reason::TsOutOfRange),
+            (
+                r#"{"event_id":"e","ts":1767225703544,"type":"click","item_id":"i","category":"c"}"#,
+                Reason::MissingField,
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","ts":"abc","type":"click","item_id":"i","category":"c"}"#,
+                Reason::WrongType,
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","ts":1767225703544,"type":"hover","item_id":"i","category":"c"}"#,
+                Reason::UnknownType,
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","ts":1767225703544,"type":"purchase","item_id":"i","category":"c","amount":-1}"#,
+                Reason::InvalidAmount,
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","ts":5,"type":"click","item_id":"i","category":"c"}"#,
+                Reason::TsOutOfRange,
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","ts":1867225703544,"type":"click","item_id":"i","category":"c"}"#,
+                Reason::TsOutOfRange,
+            ),
             (r#"[1,2]"#, Reason::InvalidJson),
         ];
         for (input, reason) in cases {
@@ -259,7 +292,10 @@ mod tests {
     #[test]
     fn wrong_type_names_the_field_and_what_came() {
         let err = json(r#"{"event_id":"e","user_id":"u","ts":"abc","type":"click","item_id":"i","category":"c"}"#).unwrap_err();
-        assert_eq!(err.detail, "field \"ts\": expected integer, got string \"abc\"");
+        assert_eq!(
+            err.detail,
+            "field \"ts\": expected integer, got string \"abc\""
+        );
     }
 
     #[test]
@@ -271,6 +307,11 @@ mod tests {
         let err = decode_event(Codec::Protobuf, &encode_protobuf(&event), NOW).unwrap_err();
         assert_eq!(err.reason, Reason::InvalidAmount);
         let truncated = &bytes[..bytes.len() - 3];
-        assert_eq!(decode_event(Codec::Protobuf, truncated, NOW).unwrap_err().reason, Reason::InvalidProtobuf);
+        assert_eq!(
+            decode_event(Codec::Protobuf, truncated, NOW)
+                .unwrap_err()
+                .reason,
+            Reason::InvalidProtobuf
+        );
     }
 }

@@ -11,13 +11,19 @@ use crate::proto::UserEvent;
 /// reported as missing.
 pub fn decode_protobuf(payload: &[u8]) -> Result<Event, Rejection> {
     let raw = UserEvent::decode(payload).map_err(|e| {
-        Rejection::new(Reason::InvalidProtobuf, format!("not an augur.v1.UserEvent: {e}"))
+        Rejection::new(
+            Reason::InvalidProtobuf,
+            format!("not an augur.v1.UserEvent: {e}"),
+        )
     })?;
     let kind = EventType::parse(&raw.r#type).ok_or_else(|| {
         if raw.r#type.is_empty() {
             Rejection::new(Reason::MissingField, "field \"type\" is missing")
         } else {
-            Rejection::new(Reason::UnknownType, format!("field \"type\": unknown event type \"{}\"", raw.r#type))
+            Rejection::new(
+                Reason::UnknownType,
+                format!("field \"type\": unknown event type \"{}\"", raw.r#type),
+            )
         }
     })?;
     for (value, field) in [
@@ -27,11 +33,17 @@ pub fn decode_protobuf(payload: &[u8]) -> Result<Event, Rejection> {
         (&raw.category, "category"),
     ] {
         if value.is_empty() {
-            return Err(Rejection::new(Reason::MissingField, format!("field \"{field}\" is missing")));
+            return Err(Rejection::new(
+                Reason::MissingField,
+                format!("field \"{field}\" is missing"),
+            ));
         }
     }
     if raw.ts == 0 {
-        return Err(Rejection::new(Reason::MissingField, "field \"ts\" is missing"));
+        return Err(Rejection::new(
+            Reason::MissingField,
+            "field \"ts\" is missing",
+        ));
     }
     Ok(Event {
         event_id: raw.event_id,

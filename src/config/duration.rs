@@ -8,18 +8,22 @@ use std::time::Duration;
 /// like `1.5h` is refused rather than rounded.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("expected a duration like \"30s\" or \"1h\", got \"{text}\" (no unit)"))?;
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("expected a duration like \"30s\" or \"1h\", got \"{text}\" (no unit)")
+    })?;
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
-        return Err(format!("expected a duration like \"30s\" or \"1h\", got \"{text}\""));
+        return Err(format!(
+            "expected a duration like \"30s\" or \"1h\", got \"{text}\""
+        ));
     }
     let value: u64 = digits
         .parse()
         .map_err(|_| format!("duration \"{text}\" is out of range"))?;
     if unit.starts_with('.') {
-        return Err(format!("\"{text}\": whole units only; use a smaller unit (e.g. \"90m\" for 1.5h)"));
+        return Err(format!(
+            "\"{text}\": whole units only; use a smaller unit (e.g. \"90m\" for 1.5h)"
+        ));
     }
     let unit_ms: u64 = match unit {
         "ms" => 1,
@@ -42,7 +46,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a byte size such as `1048576`, `512KiB`, `1MiB` or `2MB`.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let value: u64 = digits
         .parse()
@@ -77,9 +83,13 @@ mod tests {
 
     #[test]
     fn refuses_fractions_and_unknown_units() {
-        assert!(parse_duration("1.5h").unwrap_err().contains("whole units only"));
+        assert!(parse_duration("1.5h")
+            .unwrap_err()
+            .contains("whole units only"));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration("3w").unwrap_err().contains("unknown duration unit"));
+        assert!(parse_duration("3w")
+            .unwrap_err()
+            .contains("unknown duration unit"));
         assert!(parse_duration("h").is_err());
     }
 

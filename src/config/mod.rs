@@ -29,7 +29,10 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -42,11 +45,21 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read topology {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {location}{message}")]
-    Syntax { path: PathBuf, location: String, message: String },
+    Syntax {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
     #[error("{path} is invalid:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 /// The whole topology file, as written. Durations and enums stay strings here so that
@@ -270,7 +283,9 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: default_admin_listen() }
+        Self {
+            listen: default_admin_listen(),
+        }
     }
 }
 
@@ -314,8 +329,10 @@ fn default_admin_listen() -> String {
 impl Topology {
     /// Reads, parses and validates a topology file.
     pub fn load(path: &Path) -> Result<Topology, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let topology = Self::parse(&text).map_err(|(location, message)| ConfigError::Syntax {
             path: path.to_owned(),
             location,
@@ -325,7 +342,10 @@ impl Topology {
         if problems.is_empty() {
             Ok(topology)
         } else {
-            Err(ConfigError::Invalid { path: path.to_owned(), problems })
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
         }
     }
 
@@ -343,7 +363,11 @@ impl Topology {
             // serde_norway appends its own location to the message; keep only the cause.
             let text = inner.to_string();
             let cause = text.split(" at line ").next().unwrap_or(&text).to_owned();
-            let message = if path == "." { cause } else { format!("{path}: {cause}") };
+            let message = if path == "." {
+                cause
+            } else {
+                format!("{path}: {cause}")
+            };
             (location, message)
         })
     }
@@ -357,11 +381,20 @@ impl Topology {
         if self.kafka.brokers.trim().is_empty() {
             problems.push(Problem::new("kafka.brokers", "must not be empty"));
         }
-        check_duration(&mut problems, "kafka.session_timeout", &self.kafka.session_timeout);
-        check_duration(&mut problems, "kafka.max_poll_interval", &self.kafka.max_poll_interval);
-        if let (Ok(session), Ok(poll)) =
-            (parse_duration(&self.kafka.session_timeout), parse_duration(&self.kafka.max_poll_interval))
-        {
+        check_duration(
+            &mut problems,
+            "kafka.session_timeout",
+            &self.kafka.session_timeout,
+        );
+        check_duration(
+            &mut problems,
+            "kafka.max_poll_interval",
+            &self.kafka.max_poll_interval,
+        );
+        if let (Ok(session), Ok(poll)) = (
+            parse_duration(&self.kafka.session_timeout),
+            parse_duration(&self.kafka.max_poll_interval),
+        ) {
             if poll < session {
                 problems.push(Problem::new(
                     "kafka.max_poll_interval",
@@ -387,30 +420,54 @@ impl Topology {
         }
 
         if self.scoring.event_types.is_empty() {
-            problems.push(Problem::new("scoring.event_types", "must name at least one event type"));
+            problems.push(Problem::new(
+                "scoring.event_types",
+                "must name at least one event type",
+            ));
         }
         for (i, name) in self.scoring.event_types.iter().enumerate() {
             if EventType::parse(name).is_none() {
                 problems.push(Problem::new(
                     format!("scoring.event_types[{i}]"),
-                    format!("unknown event type \"{name}\" (expected {})", EventType::NAMES.join(", ")),
+                    format!(
+                        "unknown event type \"{name}\" (expected {})",
+                        EventType::NAMES.join(", ")
+                    ),
                 ));
             }
         }
         if !(1..=65_536).contains(&self.scoring.max_batch) {
-            problems.push(Problem::new("scoring.max_batch", "must be between 1 and 65536"));
+            problems.push(Problem::new(
+                "scoring.max_batch",
+                "must be between 1 and 65536",
+            ));
         }
 
         if self.model.registry.trim().is_empty() {
             problems.push(Problem::new("model.registry", "must not be empty"));
         }
         if self.model.name.trim().is_empty() || self.model.name.contains('/') {
-            problems.push(Problem::new("model.name", "must be a non-empty name without '/'"));
+            problems.push(Problem::new(
+                "model.name",
+                "must be a non-empty name without '/'",
+            ));
         }
 
-        check_topic(&mut problems, "sinks.predictions.topic", &self.sinks.predictions.topic);
-        check_codec(&mut problems, "sinks.predictions.codec", &self.sinks.predictions.codec);
-        check_topic(&mut problems, "sinks.dead_letter.topic", &self.sinks.dead_letter.topic);
+        check_topic(
+            &mut problems,
+            "sinks.predictions.topic",
+            &self.sinks.predictions.topic,
+        );
+        check_codec(
+            &mut problems,
+            "sinks.predictions.codec",
+            &self.sinks.predictions.codec,
+        );
+        check_topic(
+            &mut problems,
+            "sinks.dead_letter.topic",
+            &self.sinks.dead_letter.topic,
+        );
         if self.sinks.dead_letter.codec != "json" {
             problems.push(Problem::new(
                 "sinks.dead_letter.codec",
@@ -418,21 +475,36 @@ impl Topology {
             ));
         }
         if self.sinks.dead_letter.topic == self.source.topic {
-            problems.push(Problem::new("sinks.dead_letter.topic", "must differ from source.topic"));
+            problems.push(Problem::new(
+                "sinks.dead_letter.topic",
+                "must differ from source.topic",
+            ));
         }
         if self.sinks.predictions.topic == self.source.topic {
-            problems.push(Problem::new("sinks.predictions.topic", "must differ from source.topic"));
+            problems.push(Problem::new(
+                "sinks.predictions.topic",
+                "must differ from source.topic",
+            ));
         }
 
         if self.state.dir.trim().is_empty() {
             problems.push(Problem::new("state.dir", "must not be empty"));
         }
-        check_duration(&mut problems, "state.checkpoint_interval", &self.state.checkpoint_interval);
+        check_duration(
+            &mut problems,
+            "state.checkpoint_interval",
+            &self.state.checkpoint_interval,
+        );
         check_duration(&mut problems, "state.idle_after", &self.state.idle_after);
-        if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+        if !self.admin.listen.is_empty()
+            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
+        {
             problems.push(Problem::new(
                 "admin.listen",
-                format!("expected host:port such as 127.0.0.1:9898, got \"{}\"", self.admin.listen),
+                format!(
+                    "expected host:port such as 127.0.0.1:9898, got \"{}\"",
+                    self.admin.listen
+                ),
             ));
         }
         problems
@@ -510,14 +582,22 @@ fn check_duration(problems: &mut Vec<Problem>, path: &str, value: &str) {
 
 fn check_codec(problems: &mut Vec<Problem>, path: &str, value: &str) {
     if Codec::parse(value).is_none() {
-        problems.push(Problem::new(path, format!("unknown codec \"{value}\" (expected json or protobuf)")));
+        problems.push(Problem::new(
+            path,
+            format!("unknown codec \"{value}\" (expected json or protobuf)"),
+        ));
     }
 }
 
 /// Kafka's own rule: 1-249 characters of `[a-zA-Z0-9._-]`.
 fn check_topic(problems: &mut Vec<Problem>, path: &str, topic: &str) {
     let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if topic.is_empty() || topic.len() > 249 || !topic.chars().all(legal) || topic == "." || topic == ".." {
+    if topic.is_empty()
+        || topic.len() > 249
+        || !topic.chars().all(legal)
+        || topic == "."
+        || topic == ".."
+    {
         problems.push(Problem::new(
             path,
             format!("\"{topic}\" is not a legal Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"),

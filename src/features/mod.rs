@@ -9,8 +9,8 @@
 use crate::codec::{Event, EventType, TypeMask};
 use crate::config::{parse_duration, FeatureConfig, Problem};
 use crate::state::{
-    bucket_of, distinct_add, distinct_prune, distinct_read, window_add, window_prune, window_read, AggState,
-    UserState, NO_TS,
+    bucket_of, distinct_add, distinct_prune, distinct_read, window_add, window_prune, window_read,
+    AggState, UserState, NO_TS,
 };
 use crate::util::fnv1a64;
 
@@ -41,24 +41,57 @@ impl TextField {
 /// One piece of per-user state, shared by every feature that reads it.
 #[derive(Debug, Clone, PartialEq)]
 enum Aggregator {
-    Window { types: TypeMask, resolution_ms: i64, span: i64, field: Option<NumField> },
-    Distinct { types: TypeMask, resolution_ms: i64, span: i64, field: TextField },
+    Window {
+        types: TypeMask,
+        resolution_ms: i64,
+        span: i64,
+        field: Option<NumField>,
+    },
+    Distinct {
+        types: TypeMask,
+        resolution_ms: i64,
+        span: i64,
+        field: TextField,
+    },
     /// Last matching event time; read *before* the event is applied.
-    Last { types: TypeMask },
-    Lifetime { types: TypeMask },
+    Last {
+        types: TypeMask,
+    },
+    Lifetime {
+        types: TypeMask,
+    },
 }
 
 /// How one feature value is read.
 #[derive(Debug, Clone, PartialEq)]
 enum Expr {
-    Count { agg: usize },
-    Sum { agg: usize },
-    Mean { agg: usize, default: f64 },
-    Distinct { agg: usize },
-    SinceLast { agg: usize, unit_ms: f64, default: f64 },
-    Lifetime { agg: usize },
+    Count {
+        agg: usize,
+    },
+    Sum {
+        agg: usize,
+    },
+    Mean {
+        agg: usize,
+        default: f64,
+    },
+    Distinct {
+        agg: usize,
+    },
+    SinceLast {
+        agg: usize,
+        unit_ms: f64,
+        default: f64,
+    },
+    Lifetime {
+        agg: usize,
+    },
     /// `feature[num] / max(feature[den], min_den)`; both are earlier features.
-    Ratio { num: usize, den: usize, min_den: f64 },
+    Ratio {
+        num: usize,
+        den: usize,
+        min_den: f64,
+    },
 }
 
 /// Why an event was not applied.
@@ -87,11 +120,22 @@ const KINDS: &str = "count, sum, mean, distinct, since_last, lifetime_count, rat
 
 impl FeatureSet {
     /// Compiles feature declarations. Returns every problem, each with its path.
-    pub fn compile(features: &[FeatureConfig], lateness_ms: i64) -> Result<FeatureSet, Vec<Problem>> {
-        let mut set = FeatureSet { names: Vec::new(), aggregators: Vec::new(), exprs: Vec::new(), lateness_ms };
+    pub fn compile(
+        features: &[FeatureConfig],
+        lateness_ms: i64,
+    ) -> Result<FeatureSet, Vec<Problem>> {
+        let mut set = FeatureSet {
+            names: Vec::new(),
+            aggregators: Vec::new(),
+            exprs: Vec::new(),
+            lateness_ms,
+        };
         let mut problems = Vec::new();
         if features.is_empty() {
-            problems.push(Problem::new("features", "must declare at least one feature"));
+            problems.push(Problem::new(
+                "features",
+                "must declare at least one feature",
+            ));
         }
         for (i, f) in features.iter().enumerate() {
             let at = |key: &str| format!("features[{i}].{key}");
@@ -99,9 +143,16 @@ impl FeatureSet {
             if f.name.trim().is_empty() {
                 problems.push(Problem::new(at("name"), "must not be empty"));
             } else if set.names.contains(&f.name) {
-                problems.push(Problem::new(at("name"), format!("duplicate feature name \"{}\"", f.name)));
+                problems.push(Problem::new(
+                    at("name"),
+                    format!("duplicate feature name \"{}\"", f.name),
+                ));
             }
-            let mut ctx = Ctx { f, at: &at, problems: &mut problems };
+            let mut ctx = Ctx {
+                f,
+                at: &at,
+                problems: &mut problems,
+            };
             let expr = match f.kind.as_str() {
                 "count" | "sum" | "mean" => {
                     ctx.forbid(&["unit", "numerator", "denominator", "min_denominator"]);
@@ -115,11 +166,17 @@ impl FeatureSet {
                         }
                         (_, Some("amount")) => Some(NumField::Amount),
                         (_, Some(other)) => {
-                            ctx.problem("field", &format!("\"{other}\" is not a numeric field (expected amount)"));
+                            ctx.problem(
+                                "field",
+                                &format!("\"{other}\" is not a numeric field (expected amount)"),
+                            );
                             None
                         }
                         (kind, None) => {
-                            ctx.problem("field", &format!("a {kind} needs a numeric field (amount)"));
+                            ctx.problem(
+                                "field",
+                                &format!("a {kind} needs a numeric field (amount)"),
+                            );
                             None
                         }
                     };
@@ -129,14 +186,23 @@ impl FeatureSet {
                             match f.kind.as_str() {
                                 "count" => Some(Expr::Count { agg }),
                                 "sum" => Some(Expr::Sum { agg }),
-                                _ => Some(Expr::Mean { agg, default: f.default.unwrap_or(0.0) }),
+                                _ => Some(Expr::Mean {
+                                    agg,
+                                    default: f.default.unwrap_or(0.0),
+                                }),
                             }
                         }
                         _ => None,
                     }
                 }
                 "distinct" => {
-                    ctx.forbid(&["unit", "numerator", "denominator", "min_denominator", "default"]);
+                    ctx.forbid(&[
+                        "unit",
+                        "numerator",
+                        "denominator",
+                        "min_denominator",
+                        "default",
+                    ]);
                     let types = ctx.types();
                     let window = ctx.window();
                     let field = match f.field.as_deref() {
@@ -148,20 +214,35 @@ impl FeatureSet {
                             None
                         }
                         None => {
-                            ctx.problem("field", "a distinct count needs a field (category, item_id or type)");
+                            ctx.problem(
+                                "field",
+                                "a distinct count needs a field (category, item_id or type)",
+                            );
                             None
                         }
                     };
                     match (window, field) {
                         (Some((resolution_ms, span)), Some(field)) if problems.len() == before => {
-                            let agg = set.add_aggregator(Aggregator::Distinct { types, resolution_ms, span, field });
+                            let agg = set.add_aggregator(Aggregator::Distinct {
+                                types,
+                                resolution_ms,
+                                span,
+                                field,
+                            });
                             Some(Expr::Distinct { agg })
                         }
                         _ => None,
                     }
                 }
                 "since_last" => {
-                    ctx.forbid(&["field", "window", "resolution", "numerator", "denominator", "min_denominator"]);
+                    ctx.forbid(&[
+                        "field",
+                        "window",
+                        "resolution",
+                        "numerator",
+                        "denominator",
+                        "min_denominator",
+                    ]);
                     let types = ctx.types();
                     let unit_ms = match f.unit.as_deref() {
                         None => {
@@ -183,31 +264,52 @@ impl FeatureSet {
                     match unit_ms {
                         Some(unit_ms) if problems.len() == before => {
                             let agg = set.add_aggregator(Aggregator::Last { types });
-                            Some(Expr::SinceLast { agg, unit_ms, default: f.default.unwrap_or(-1.0) })
+                            Some(Expr::SinceLast {
+                                agg,
+                                unit_ms,
+                                default: f.default.unwrap_or(-1.0),
+                            })
                         }
                         _ => None,
                     }
                 }
                 "lifetime_count" => {
-                    ctx.forbid(&["field", "window", "resolution", "unit", "numerator", "denominator", "min_denominator", "default"]);
+                    ctx.forbid(&[
+                        "field",
+                        "window",
+                        "resolution",
+                        "unit",
+                        "numerator",
+                        "denominator",
+                        "min_denominator",
+                        "default",
+                    ]);
                     let types = ctx.types();
-                    (problems.len() == before).then(|| Expr::Lifetime { agg: set.add_aggregator(Aggregator::Lifetime { types }) })
+                    (problems.len() == before).then(|| Expr::Lifetime {
+                        agg: set.add_aggregator(Aggregator::Lifetime { types }),
+                    })
                 }
                 "ratio" => {
                     ctx.forbid(&["filter", "field", "window", "resolution", "unit", "default"]);
                     let num = ctx.earlier_feature("numerator", f.numerator.as_deref(), &set.names);
-                    let den = ctx.earlier_feature("denominator", f.denominator.as_deref(), &set.names);
+                    let den =
+                        ctx.earlier_feature("denominator", f.denominator.as_deref(), &set.names);
                     let min_den = f.min_denominator.unwrap_or(1.0);
                     if !(min_den.is_finite() && min_den > 0.0) {
                         ctx.problem("min_denominator", "must be a positive number");
                     }
                     match (num, den) {
-                        (Some(num), Some(den)) if problems.len() == before => Some(Expr::Ratio { num, den, min_den }),
+                        (Some(num), Some(den)) if problems.len() == before => {
+                            Some(Expr::Ratio { num, den, min_den })
+                        }
                         _ => None,
                     }
                 }
                 other => {
-                    problems.push(Problem::new(at("kind"), format!("unknown kind \"{other}\" (expected one of {KINDS})")));
+                    problems.push(Problem::new(
+                        at("kind"),
+                        format!("unknown kind \"{other}\" (expected one of {KINDS})"),
+                    ));
                     None
                 }
             };
@@ -234,9 +336,21 @@ impl FeatureSet {
 
     /// A count reads any window with the same filter and shape; a sum or mean needs the
     /// field too, and may upgrade a count-only window to carry it.
-    fn window_aggregator(&mut self, types: TypeMask, resolution_ms: i64, span: i64, field: Option<NumField>) -> usize {
+    fn window_aggregator(
+        &mut self,
+        types: TypeMask,
+        resolution_ms: i64,
+        span: i64,
+        field: Option<NumField>,
+    ) -> usize {
         for (i, agg) in self.aggregators.iter_mut().enumerate() {
-            if let Aggregator::Window { types: t, resolution_ms: r, span: s, field: existing } = agg {
+            if let Aggregator::Window {
+                types: t,
+                resolution_ms: r,
+                span: s,
+                field: existing,
+            } = agg
+            {
                 if *t == types && *r == resolution_ms && *s == span {
                     match (field, *existing) {
                         (None, _) => return i,
@@ -250,7 +364,12 @@ impl FeatureSet {
                 }
             }
         }
-        self.add_aggregator(Aggregator::Window { types, resolution_ms, span, field })
+        self.add_aggregator(Aggregator::Window {
+            types,
+            resolution_ms,
+            span,
+            field,
+        })
     }
 
     /// Feature names, in output (model input) order.
@@ -282,7 +401,10 @@ impl FeatureSet {
                 Aggregator::Lifetime { .. } => AggState::Lifetime(0),
             })
             .collect();
-        UserState { max_ts: NO_TS, aggs }
+        UserState {
+            max_ts: NO_TS,
+            aggs,
+        }
     }
 
     /// Whether a stored state has this feature set's shape.
@@ -313,11 +435,18 @@ impl FeatureSet {
     ) -> Result<(), LateEvent> {
         debug_assert_eq!(out.len(), self.names.len());
         if state.max_ts != NO_TS && event.ts < state.max_ts - self.lateness_ms {
-            return Err(LateEvent { behind_ms: state.max_ts - event.ts });
+            return Err(LateEvent {
+                behind_ms: state.max_ts - event.ts,
+            });
         }
         // "Since last" reads the state before this event is applied.
         for (expr, slot) in self.exprs.iter().zip(out.iter_mut()) {
-            if let Expr::SinceLast { agg, unit_ms, default } = *expr {
+            if let Expr::SinceLast {
+                agg,
+                unit_ms,
+                default,
+            } = *expr
+            {
                 *slot = match state.aggs[agg] {
                     AggState::Last(NO_TS) => default,
                     AggState::Last(last) => (event.ts - last) as f64 / unit_ms,
@@ -330,7 +459,15 @@ impl FeatureSet {
         let horizon = state.max_ts - self.lateness_ms;
         for (agg, st) in self.aggregators.iter().zip(state.aggs.iter_mut()) {
             match (agg, st) {
-                (Aggregator::Window { types, resolution_ms, span, field }, AggState::Window(buckets)) => {
+                (
+                    Aggregator::Window {
+                        types,
+                        resolution_ms,
+                        span,
+                        field,
+                    },
+                    AggState::Window(buckets),
+                ) => {
                     if types.contains(event.kind) {
                         let value = match field {
                             Some(NumField::Amount) => event.amount,
@@ -340,7 +477,15 @@ impl FeatureSet {
                     }
                     window_prune(buckets, bucket_of(horizon, *resolution_ms) - span + 1);
                 }
-                (Aggregator::Distinct { types, resolution_ms, span, field }, AggState::Distinct(buckets)) => {
+                (
+                    Aggregator::Distinct {
+                        types,
+                        resolution_ms,
+                        span,
+                        field,
+                    },
+                    AggState::Distinct(buckets),
+                ) => {
                     if types.contains(event.kind) {
                         let hash = fnv1a64(field.of(event).as_bytes());
                         distinct_add(buckets, bucket_of(event.ts, *resolution_ms), hash);
@@ -375,12 +520,23 @@ impl FeatureSet {
                     }
                 }
                 Expr::Distinct { agg } => {
-                    let (Aggregator::Distinct { resolution_ms, span, .. }, AggState::Distinct(buckets)) =
-                        (&self.aggregators[agg], &state.aggs[agg])
+                    let (
+                        Aggregator::Distinct {
+                            resolution_ms,
+                            span,
+                            ..
+                        },
+                        AggState::Distinct(buckets),
+                    ) = (&self.aggregators[agg], &state.aggs[agg])
                     else {
                         unreachable!("state shape checked by fits()")
                     };
-                    distinct_read(buckets, bucket_of(event.ts, *resolution_ms), *span, &mut scratch.hashes) as f64
+                    distinct_read(
+                        buckets,
+                        bucket_of(event.ts, *resolution_ms),
+                        *span,
+                        &mut scratch.hashes,
+                    ) as f64
                 }
                 Expr::Lifetime { agg } => match state.aggs[agg] {
                     AggState::Lifetime(n) => n as f64,
@@ -395,9 +551,14 @@ impl FeatureSet {
 
     fn read_window(&self, state: &UserState, agg: usize, ts: i64) -> (u64, f64) {
         match (&self.aggregators[agg], &state.aggs[agg]) {
-            (Aggregator::Window { resolution_ms, span, .. }, AggState::Window(buckets)) => {
-                window_read(buckets, bucket_of(ts, *resolution_ms), *span)
-            }
+            (
+                Aggregator::Window {
+                    resolution_ms,
+                    span,
+                    ..
+                },
+                AggState::Window(buckets),
+            ) => window_read(buckets, bucket_of(ts, *resolution_ms), *span),
             _ => unreachable!("state shape checked by fits()"),
         }
     }
@@ -438,7 +599,9 @@ impl<F: Fn(&str) -> String> Ctx<'_, F> {
     }
 
     fn types(&mut self) -> TypeMask {
-        let Some(filter) = &self.f.filter else { return TypeMask::ALL };
+        let Some(filter) = &self.f.filter else {
+            return TypeMask::ALL;
+        };
         let names = filter.event_type.as_slice();
         if names.is_empty() {
             self.problem("filter.type", "must name at least one event type");
@@ -449,7 +612,13 @@ impl<F: Fn(&str) -> String> Ctx<'_, F> {
                 Some(t) => mask.insert(t),
                 None => {
                     let path = format!("filter.type[{j}]");
-                    self.problem(&path, &format!("unknown event type \"{name}\" (expected {})", EventType::NAMES.join(", ")));
+                    self.problem(
+                        &path,
+                        &format!(
+                            "unknown event type \"{name}\" (expected {})",
+                            EventType::NAMES.join(", ")
+                        ),
+                    );
                 }
             }
         }
@@ -493,14 +662,22 @@ impl<F: Fn(&str) -> String> Ctx<'_, F> {
         Some((resolution, window / resolution))
     }
 
-    fn earlier_feature(&mut self, key: &str, name: Option<&str>, earlier: &[String]) -> Option<usize> {
+    fn earlier_feature(
+        &mut self,
+        key: &str,
+        name: Option<&str>,
+        earlier: &[String],
+    ) -> Option<usize> {
         let Some(name) = name else {
             self.problem(key, "required for a ratio");
             return None;
         };
         let found = earlier.iter().position(|n| n == name);
         if found.is_none() {
-            self.problem(key, &format!("\"{name}\" is not a feature declared before this one"));
+            self.problem(
+                key,
+                &format!("\"{name}\" is not a feature declared before this one"),
+            );
         }
         found
     }

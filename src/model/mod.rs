@@ -15,15 +15,29 @@ pub use registry::Registry;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid model.json: {source}")]
-    Meta { path: PathBuf, source: serde_json::Error },
+    Meta {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: cannot load ONNX model in tract: {message}")]
     Load { path: PathBuf, message: String },
     #[error("model {name} v{version}: {message}")]
-    Mismatch { name: String, version: u32, message: String },
+    Mismatch {
+        name: String,
+        version: u32,
+        message: String,
+    },
     #[error("model {name} v{version}: scoring failed: {message}")]
-    Score { name: String, version: u32, message: String },
+    Score {
+        name: String,
+        version: u32,
+        message: String,
+    },
     #[error("registry {path}: {message}")]
     Registry { path: PathBuf, message: String },
 }
@@ -82,11 +96,19 @@ impl Model {
     /// the topology's, and scores a probe batch so that a broken model fails here.
     pub fn load(dir: &Path, topology_features: &[String]) -> Result<Model, ModelError> {
         let meta_path = dir.join("model.json");
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|source| ModelError::Read { path: meta_path.clone(), source })?;
-        let meta: ModelMeta =
-            serde_json::from_str(&text).map_err(|source| ModelError::Meta { path: meta_path.clone(), source })?;
-        let mismatch = |message: String| ModelError::Mismatch { name: meta.name.clone(), version: meta.version, message };
+        let text = std::fs::read_to_string(&meta_path).map_err(|source| ModelError::Read {
+            path: meta_path.clone(),
+            source,
+        })?;
+        let meta: ModelMeta = serde_json::from_str(&text).map_err(|source| ModelError::Meta {
+            path: meta_path.clone(),
+            source,
+        })?;
+        let mismatch = |message: String| ModelError::Mismatch {
+            name: meta.name.clone(),
+            version: meta.version,
+            message,
+        };
 
         let mut columns = Vec::with_capacity(meta.features.len());
         for name in &meta.features {
@@ -102,21 +124,39 @@ impl Model {
         }
 
         let onnx_path = dir.join("model.onnx");
-        let load_err = |e: TractError| ModelError::Load { path: onnx_path.clone(), message: format!("{e:#}") };
-        let mut model = tract_onnx::onnx().model_for_path(&onnx_path).map_err(load_err)?;
+        let load_err = |e: TractError| ModelError::Load {
+            path: onnx_path.clone(),
+            message: format!("{e:#}"),
+        };
+        let mut model = tract_onnx::onnx()
+            .model_for_path(&onnx_path)
+            .map_err(load_err)?;
         let batch = model.sym("N");
         let width = meta.features.len();
         model
             .set_input_fact(0, f32::fact([batch.to_dim(), width.to_dim()]).into())
             .map_err(load_err)?;
-        model.select_outputs_by_name([meta.output.as_str()]).map_err(load_err)?;
+        model
+            .select_outputs_by_name([meta.output.as_str()])
+            .map_err(load_err)?;
         let typed = model.into_optimized().map_err(load_err)?;
         let out_fact = typed.output_fact(0).map_err(load_err)?.clone();
         let outputs = match out_fact.shape.as_concrete().map(|s| s.to_vec()) {
             Some(shape) if shape.len() == 2 => shape[1],
-            _ => match out_fact.shape.dims().get(1).and_then(|d| d.as_i64()).map(|n| n as usize) {
+            _ => match out_fact
+                .shape
+                .dims()
+                .get(1)
+                .and_then(|d| d.as_i64())
+                .map(|n| n as usize)
+            {
                 Some(n) => n,
-                None => return Err(mismatch(format!("output \"{}\" is not a [N, classes] tensor ({out_fact:?})", meta.output))),
+                None => {
+                    return Err(mismatch(format!(
+                        "output \"{}\" is not a [N, classes] tensor ({out_fact:?})",
+                        meta.output
+                    )))
+                }
             },
         };
         if meta.positive_index >= outputs {
@@ -126,7 +166,12 @@ impl Model {
             )));
         }
         let plan = typed.into_runnable().map_err(load_err)?;
-        let loaded = Model { meta, plan, columns, outputs };
+        let loaded = Model {
+            meta,
+            plan,
+            columns,
+            outputs,
+        };
         loaded.probe()?;
         Ok(loaded)
     }
@@ -142,7 +187,10 @@ impl Model {
         let rows: Vec<f64> = (0..stride * 8).map(|i| (i % 2) as f64).collect();
         let mut scores = Vec::new();
         self.score(&rows, stride, &mut Vec::new(), &mut scores)?;
-        if let Some(bad) = scores.iter().find(|s| !s.is_finite() || **s < 0.0 || **s > 1.0) {
+        if let Some(bad) = scores
+            .iter()
+            .find(|s| !s.is_finite() || **s < 0.0 || **s > 1.0)
+        {
             return Err(ModelError::Mismatch {
                 name: self.meta.name.clone(),
                 version: self.meta.version,
@@ -154,7 +202,13 @@ impl Model {
 
     /// Scores `rows` (row-major, `stride` topology features per row) and appends one
     /// positive-class probability per row to `scores`. `input` is a reusable buffer.
-    pub fn score(&self, rows: &[f64], stride: usize, input: &mut Vec<f32>, scores: &mut Vec<f64>) -> Result<(), ModelError> {
+    pub fn score(
+        &self,
+        rows: &[f64],
+        stride: usize,
+        input: &mut Vec<f32>,
+        scores: &mut Vec<f64>,
+    ) -> Result<(), ModelError> {
         let n = rows.len() / stride.max(1);
         if n == 0 {
             return Ok(());

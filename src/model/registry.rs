@@ -22,13 +22,19 @@ impl Registry {
     }
 
     fn error(&self, message: String) -> ModelError {
-        ModelError::Registry { path: self.root.clone(), message }
+        ModelError::Registry {
+            path: self.root.clone(),
+            message,
+        }
     }
 
     /// Registered versions of a model, ascending.
     pub fn versions(&self, name: &str) -> Result<Vec<u32>, ModelError> {
         let dir = self.root.join(name);
-        let entries = std::fs::read_dir(&dir).map_err(|source| ModelError::Read { path: dir.clone(), source })?;
+        let entries = std::fs::read_dir(&dir).map_err(|source| ModelError::Read {
+            path: dir.clone(),
+            source,
+        })?;
         let mut versions: Vec<u32> = entries
             .filter_map(|e| e.ok())
             .filter(|e| e.path().join("model.onnx").is_file())
@@ -42,7 +48,9 @@ impl Registry {
     pub fn aliases(&self, name: &str) -> Result<BTreeMap<String, u32>, ModelError> {
         let path = self.root.join(name).join("aliases.json");
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|source| ModelError::Meta { path, source }),
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|source| ModelError::Meta { path, source })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
             Err(source) => Err(ModelError::Read { path, source }),
         }
@@ -50,7 +58,11 @@ impl Registry {
 
     /// Resolves a version number or alias to a version and its directory.
     /// Without an alias file, `champion` means the newest version.
-    pub fn resolve(&self, name: &str, version_or_alias: &str) -> Result<(u32, PathBuf), ModelError> {
+    pub fn resolve(
+        &self,
+        name: &str,
+        version_or_alias: &str,
+    ) -> Result<(u32, PathBuf), ModelError> {
         let versions = self.versions(name)?;
         let version = match version_or_alias.parse::<u32>() {
             Ok(v) => v,
@@ -59,7 +71,11 @@ impl Registry {
                 None if version_or_alias == "champion" => *versions
                     .last()
                     .ok_or_else(|| self.error(format!("model \"{name}\" has no versions")))?,
-                None => return Err(self.error(format!("model \"{name}\" has no alias \"{version_or_alias}\""))),
+                None => {
+                    return Err(self.error(format!(
+                        "model \"{name}\" has no alias \"{version_or_alias}\""
+                    )))
+                }
             },
         };
         if !versions.contains(&version) {
@@ -68,5 +84,36 @@ impl Registry {
             )));
         }
         Ok((version, self.root.join(name).join(version.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        Registry::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+    }
+
+    #[test]
+    fn aliases_and_numbers_resolve() {
+        let r = registry();
+        assert_eq!(r.versions("ctr").unwrap(), vec![1, 2]);
+        assert_eq!(
+            r.resolve("ctr", "champion").unwrap().0,
+            1,
+            "aliases.json names v1 champion"
+        );
+        assert_eq!(r.resolve("ctr", "2").unwrap().0, 2);
+    }
+
+    #[test]
+    fn unknown_versions_and_aliases_are_named() {
+        let r = registry();
+        let err = r.resolve("ctr", "7").unwrap_err().to_string();
+        assert!(err.contains("no version 7 (registered: [1, 2])"), "{err}");
+        let err = r.resolve("ctr", "challenger").unwrap_err().to_string();
+        assert!(err.contains("no alias \"challenger\""), "{err}");
+        assert!(r.resolve("nope", "champion").is_err());
     }
 }

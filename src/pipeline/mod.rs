@@ -45,7 +45,10 @@ pub enum WorkerError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("admin server on {addr}: {source}")]
-    Admin { addr: SocketAddr, source: std::io::Error },
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("partition failed: {0}")]
     Partition(#[from] PartitionError),
     #[error("{0}")]
@@ -81,7 +84,10 @@ impl WorkerSettings {
         }
     }
 
-    fn client_config(&self, overrides: &std::collections::BTreeMap<String, crate::config::ConfigValue>) -> ClientConfig {
+    fn client_config(
+        &self,
+        overrides: &std::collections::BTreeMap<String, crate::config::ConfigValue>,
+    ) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         for (key, value) in overrides {
@@ -100,11 +106,23 @@ impl WorkerSettings {
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", &self.group)
             .set("group.instance.id", &self.instance_id)
-            .set("session.timeout.ms", self.session_timeout.as_millis().to_string())
-            .set("heartbeat.interval.ms", (self.session_timeout.as_millis() / 3).clamp(100, 3000).to_string())
+            .set(
+                "session.timeout.ms",
+                self.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (self.session_timeout.as_millis() / 3)
+                    .clamp(100, 3000)
+                    .to_string(),
+            )
             .set(
                 "max.poll.interval.ms",
-                self.topology.max_poll_interval().max(self.session_timeout).as_millis().to_string(),
+                self.topology
+                    .max_poll_interval()
+                    .max(self.session_timeout)
+                    .as_millis()
+                    .to_string(),
             )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -123,7 +141,11 @@ pub fn default_instance_id() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "augur".into())
 }

@@ -69,7 +69,12 @@ pub struct PartitionTask {
 }
 
 impl PartitionTask {
-    pub fn new(shared: Arc<Shared>, partition: i32, store: PartitionStore, next_offset: Option<i64>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        partition: i32,
+        store: PartitionStore,
+        next_offset: Option<i64>,
+    ) -> Self {
         let topic = shared.topic.clone();
         let p = partition.to_string();
         let model = &shared.model.meta;
@@ -162,37 +167,68 @@ impl PartitionTask {
         if payload.len() > self.shared.max_message_bytes {
             return Err(Rejection::new(
                 Reason::Oversized,
-                format!("record of {} bytes exceeds source.max_message_bytes ({})", payload.len(), self.shared.max_message_bytes),
+                format!(
+                    "record of {} bytes exceeds source.max_message_bytes ({})",
+                    payload.len(),
+                    self.shared.max_message_bytes
+                ),
             ));
         }
         let key = record.key().unwrap_or_default();
         if key.is_empty() {
-            return Err(Rejection::new(Reason::EmptyKey, "record has no key (expected the user_id)"));
+            return Err(Rejection::new(
+                Reason::EmptyKey,
+                "record has no key (expected the user_id)",
+            ));
         }
         let event = decode_event(self.shared.codec, payload, now)?;
         if key != event.user_id.as_bytes() {
             return Err(Rejection::new(
                 Reason::KeyMismatch,
-                format!("record key {:?} differs from user_id {:?}", String::from_utf8_lossy(key), event.user_id),
+                format!(
+                    "record key {:?} differs from user_id {:?}",
+                    String::from_utf8_lossy(key),
+                    event.user_id
+                ),
             ));
         }
         Ok(event)
     }
 
-    async fn apply(&mut self, event: Event, record: &OwnedMessage, received_us: i64) -> Result<(), PartitionError> {
+    async fn apply(
+        &mut self,
+        event: Event,
+        record: &OwnedMessage,
+        received_us: i64,
+    ) -> Result<(), PartitionError> {
         if !self.users.contains_key(&event.user_id) {
             let state = match self.store.load_user(&event.user_id)? {
                 Some(state) if self.shared.features.fits(&state) => state,
                 Some(_) => {
-                    return Err(PartitionError::StateShape { partition: self.partition, user: event.user_id.clone() })
+                    return Err(PartitionError::StateShape {
+                        partition: self.partition,
+                        user: event.user_id.clone(),
+                    })
                 }
                 None => self.shared.features.new_state(),
             };
-            self.users.insert(event.user_id.clone(), HotUser { state, dirty: false, touched: Instant::now() });
+            self.users.insert(
+                event.user_id.clone(),
+                HotUser {
+                    state,
+                    dirty: false,
+                    touched: Instant::now(),
+                },
+            );
         }
         let user = self.users.get_mut(&event.user_id).expect("inserted above");
         user.touched = Instant::now();
-        let applied = self.shared.features.apply_event(&mut user.state, &event, &mut self.values, &mut self.scratch);
+        let applied = self.shared.features.apply_event(
+            &mut user.state,
+            &event,
+            &mut self.values,
+            &mut self.scratch,
+        );
         if let Err(late) = applied {
             let detail = format!(
                 "event ts {} is {} ms behind the user's newest event (allowed lateness {} ms)",
@@ -200,7 +236,8 @@ impl PartitionTask {
                 late.behind_ms,
                 self.shared.features.lateness_ms()
             );
-            self.dead_letter(record, &Rejection::new(Reason::Late, detail)).await;
+            self.dead_letter(record, &Rejection::new(Reason::Late, detail))
+                .await;
             return Ok(());
         }
         if !user.dirty {
@@ -210,7 +247,11 @@ impl PartitionTask {
         if self.shared.scored_types.contains(event.kind) {
             self.rows.extend_from_slice(&self.values);
             let input_ts = record.timestamp().to_millis().unwrap_or(event.ts);
-            self.scored.push(Scored { event, input_ts, received_us });
+            self.scored.push(Scored {
+                event,
+                input_ts,
+                received_us,
+            });
         }
         Ok(())
     }
@@ -251,14 +292,19 @@ impl PartitionTask {
         self.scores.clear();
         for chunk in self.rows.chunks(shared.max_batch * stride) {
             self.batch_histogram.record((chunk.len() / stride) as f64);
-            shared.model.score(chunk, stride, &mut self.model_input, &mut self.scores)?;
+            shared
+                .model
+                .score(chunk, stride, &mut self.model_input, &mut self.scores)?;
         }
         let meta = &shared.model.meta;
         for (i, scored) in self.scored.iter().enumerate() {
             let produced_us = now_us();
-            let features = shared
-                .log_features
-                .then(|| (shared.features.names(), &self.rows[i * stride..(i + 1) * stride]));
+            let features = shared.log_features.then(|| {
+                (
+                    shared.features.names(),
+                    &self.rows[i * stride..(i + 1) * stride],
+                )
+            });
             self.buffer.clear();
             encode_prediction(
                 shared.predictions_codec,
@@ -301,14 +347,22 @@ impl PartitionTask {
     /// Outputs acknowledged → changed users and next offset in one sled batch → offset
     /// handed to the consumer for commit. Then idle, clean users leave the hot map.
     async fn checkpoint(&mut self) -> Result<(), PartitionError> {
-        let Some(next_offset) = self.next_offset else { return Ok(()) };
-        if self.checkpointed == Some(next_offset) && self.dirty.is_empty() && self.pending.is_empty() {
+        let Some(next_offset) = self.next_offset else {
+            return Ok(());
+        };
+        if self.checkpointed == Some(next_offset)
+            && self.dirty.is_empty()
+            && self.pending.is_empty()
+        {
             return Ok(());
         }
         let started = Instant::now();
         self.pending.wait_all().await?;
         let users = &self.users;
-        let dirty = self.dirty.iter().filter_map(|u| users.get(u).map(|h| (u.as_str(), &h.state)));
+        let dirty = self
+            .dirty
+            .iter()
+            .filter_map(|u| users.get(u).map(|h| (u.as_str(), &h.state)));
         self.store.checkpoint(dirty, next_offset).await?;
         for user in self.dirty.drain(..) {
             if let Some(hot) = self.users.get_mut(&user) {
@@ -317,7 +371,8 @@ impl PartitionTask {
         }
         self.checkpointed = Some(next_offset);
         self.shared.request_commit(self.partition, next_offset);
-        self.checkpoint_histogram.record(started.elapsed().as_secs_f64());
+        self.checkpoint_histogram
+            .record(started.elapsed().as_secs_f64());
         self.evict_idle();
         self.hot_users_gauge.set(self.users.len() as f64);
         Ok(())
@@ -330,10 +385,15 @@ impl PartitionTask {
         }
         self.last_eviction = Instant::now();
         let before = self.users.len();
-        self.users.retain(|_, u| u.dirty || u.touched.elapsed() < idle_after);
+        self.users
+            .retain(|_, u| u.dirty || u.touched.elapsed() < idle_after);
         let evicted = before - self.users.len();
         if evicted > 0 {
-            tracing::debug!(partition = self.partition, evicted, "idle users left the hot map");
+            tracing::debug!(
+                partition = self.partition,
+                evicted,
+                "idle users left the hot map"
+            );
         }
     }
 }

@@ -98,7 +98,10 @@ pub fn encode_prediction(codec: Codec, p: &Prediction<'_>, out: &mut Vec<u8>) {
                         names
                             .iter()
                             .zip(values)
-                            .map(|(name, value)| crate::proto::Feature { name: name.clone(), value: *value })
+                            .map(|(name, value)| crate::proto::Feature {
+                                name: name.clone(),
+                                value: *value,
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -148,6 +151,9 @@ mod tests {
         assert_eq!(v["features"]["b"], 0.25);
         assert_eq!(v["variant"], "champion");
         let text = String::from_utf8(out).unwrap();
-        assert!(text.find("\"a\"").unwrap() < text.find("\"b\"").unwrap(), "features keep their order");
+        assert!(
+            text.find("\"a\"").unwrap() < text.find("\"b\"").unwrap(),
+            "features keep their order"
+        );
     }
 }

@@ -42,7 +42,9 @@ impl OutputProducer {
         if config.get("linger.ms").is_none() {
             config.set("linger.ms", "5");
         }
-        Ok(OutputProducer { inner: config.create()? })
+        Ok(OutputProducer {
+            inner: config.create()?,
+        })
     }
 
     /// Queues one record; waits (asynchronously) while the local queue is full, which is
@@ -77,7 +79,10 @@ impl OutputProducer {
                     // Only reachable for locally invalid records (e.g. larger than
                     // message.max.bytes); surface it at the next checkpoint.
                     tracing::error!(topic, error = %err, "producer refused a record");
-                    pending.failed.get_or_insert(DeliveryError { output: kind, source: err });
+                    pending.failed.get_or_insert(DeliveryError {
+                        output: kind,
+                        source: err,
+                    });
                     return;
                 }
             }
@@ -113,7 +118,10 @@ impl PendingDeliveries {
                 Err(_canceled) => KafkaError::Canceled,
             };
             tracing::error!(output = kind, error = %outcome, "output not acknowledged");
-            first_error.get_or_insert(DeliveryError { output: kind, source: outcome });
+            first_error.get_or_insert(DeliveryError {
+                output: kind,
+                source: outcome,
+            });
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -132,7 +140,10 @@ pub fn dead_letter_headers(
     let mut headers = OwnedHeaders::new();
     if let Some(original) = original {
         for h in original.iter() {
-            headers = headers.insert(Header { key: h.key, value: h.value });
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
         }
     }
     let partition = partition.to_string();
@@ -144,7 +155,10 @@ pub fn dead_letter_headers(
         (super::headers::SOURCE_PARTITION, partition.as_str()),
         (super::headers::SOURCE_OFFSET, offset.as_str()),
     ] {
-        headers = headers.insert(Header { key, value: Some(value) });
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
     }
     headers
 }

@@ -40,7 +40,12 @@ impl Source {
         stop: Arc<AtomicBool>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Source, KafkaError> {
-        let context = SourceContext { shared: Arc::clone(&shared), store, runtime, tasks: Mutex::default() };
+        let context = SourceContext {
+            shared: Arc::clone(&shared),
+            store,
+            runtime,
+            tasks: Mutex::default(),
+        };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         consumer.subscribe(&[&shared.topic])?;
         let thread = std::thread::Builder::new()
@@ -67,7 +72,12 @@ struct SourceContext {
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.revoke_all(consumer),
@@ -83,7 +93,11 @@ impl SourceContext {
     /// Starts a task per assigned partition, each resuming from its sled offset.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let topic = self.shared.topic.clone();
-        let partitions: Vec<i32> = tpl.elements_for_topic(&topic).iter().map(|e| e.partition()).collect();
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
         let mut tasks = self.tasks.lock().expect("tasks lock");
         for partition in partitions {
             let started = self.store.partition(&topic, partition).and_then(|store| {
@@ -135,7 +149,11 @@ impl SourceContext {
         for (partition, reply) in replies {
             match reply.recv_timeout(REVOKE_TIMEOUT) {
                 Ok(Some(next)) => {
-                    let _ = offsets.add_partition_offset(&self.shared.topic, partition, Offset::Offset(next));
+                    let _ = offsets.add_partition_offset(
+                        &self.shared.topic,
+                        partition,
+                        Offset::Offset(next),
+                    );
                 }
                 Ok(None) => {}
                 Err(_) => tracing::warn!(partition, "partition did not checkpoint in time"),
@@ -153,19 +171,32 @@ impl SourceContext {
     }
 
     fn dispatch(&self, partition: i32, records: Vec<OwnedMessage>) {
-        let tx = self.tasks.lock().expect("tasks lock").get(&partition).cloned();
+        let tx = self
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .get(&partition)
+            .cloned();
         match tx {
             // A closed channel means the task failed; the worker is stopping and the
             // records stay uncommitted.
             Some(tx) => {
                 let _ = tx.blocking_send(PartitionInput::Records(records));
             }
-            None => tracing::debug!(partition, n = records.len(), "records for a partition no longer owned"),
+            None => tracing::debug!(
+                partition,
+                n = records.len(),
+                "records for a partition no longer owned"
+            ),
         }
     }
 }
 
-fn poll_loop(consumer: BaseConsumer<SourceContext>, commits: std::sync::mpsc::Receiver<(i32, i64)>, stop: Arc<AtomicBool>) {
+fn poll_loop(
+    consumer: BaseConsumer<SourceContext>,
+    commits: std::sync::mpsc::Receiver<(i32, i64)>,
+    stop: Arc<AtomicBool>,
+) {
     let mut batches: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
     let topic = consumer.context().shared.topic.clone();
     while !stop.load(Ordering::SeqCst) {
@@ -177,7 +208,10 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, commits: std::sync::mpsc::Re
                 None => break,
                 Some(Ok(message)) => {
                     polled += 1;
-                    batches.entry(message.partition()).or_default().push(message.detach());
+                    batches
+                        .entry(message.partition())
+                        .or_default()
+                        .push(message.detach());
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
@@ -196,7 +230,11 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, commits: std::sync::mpsc::Re
 }
 
 /// Commits the newest offset each partition task asked for since the last call.
-fn commit_requested(consumer: &BaseConsumer<SourceContext>, commits: &std::sync::mpsc::Receiver<(i32, i64)>, topic: &str) {
+fn commit_requested(
+    consumer: &BaseConsumer<SourceContext>,
+    commits: &std::sync::mpsc::Receiver<(i32, i64)>,
+    topic: &str,
+) {
     let mut latest: HashMap<i32, i64> = HashMap::new();
     while let Ok((partition, offset)) = commits.try_recv() {
         latest.insert(partition, offset);

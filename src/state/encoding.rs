@@ -78,7 +78,8 @@ pub fn decode_user_state(bytes: &[u8]) -> Result<UserState, StateDecodeError> {
                 for _ in 0..len {
                     let id = prev.wrapping_add(r.i64()?);
                     prev = id;
-                    let count = u32::try_from(r.u64()?).map_err(|_| r.error("bucket count overflows u32"))?;
+                    let count = u32::try_from(r.u64()?)
+                        .map_err(|_| r.error("bucket count overflows u32"))?;
                     let sum = f64::from_le_bytes(r.array()?);
                     buckets.push(WindowBucket { id, count, sum });
                 }
@@ -135,7 +136,10 @@ impl Reader<'_> {
     }
 
     fn byte(&mut self) -> Result<u8, StateDecodeError> {
-        let b = *self.bytes.get(self.at).ok_or_else(|| self.error("unexpected end"))?;
+        let b = *self
+            .bytes
+            .get(self.at)
+            .ok_or_else(|| self.error("unexpected end"))?;
         self.at += 1;
         Ok(b)
     }
@@ -168,7 +172,10 @@ impl Reader<'_> {
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], StateDecodeError> {
         let end = self.at + N;
-        let slice = self.bytes.get(self.at..end).ok_or_else(|| self.error("unexpected end"))?;
+        let slice = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| self.error("unexpected end"))?;
         self.at = end;
         Ok(slice.try_into().expect("length checked"))
     }
@@ -185,10 +192,21 @@ mod tests {
             max_ts: 1_767_225_703_544,
             aggs: vec![
                 AggState::Window(vec![
-                    WindowBucket { id: 29_453_761, count: 3, sum: 0.1 + 0.2 },
-                    WindowBucket { id: 29_453_790, count: 1, sum: 48.76 },
+                    WindowBucket {
+                        id: 29_453_761,
+                        count: 3,
+                        sum: 0.1 + 0.2,
+                    },
+                    WindowBucket {
+                        id: 29_453_790,
+                        count: 1,
+                        sum: 48.76,
+                    },
                 ]),
-                AggState::Distinct(vec![DistinctBucket { id: 20_454, values: vec![1, u64::MAX] }]),
+                AggState::Distinct(vec![DistinctBucket {
+                    id: 20_454,
+                    values: vec![1, u64::MAX],
+                }]),
                 AggState::Last(NO_TS),
                 AggState::Last(1_767_225_703_000),
                 AggState::Lifetime(12345),
@@ -202,7 +220,13 @@ mod tests {
     #[test]
     fn corrupt_bytes_are_an_error_not_a_panic() {
         let mut bytes = Vec::new();
-        encode_user_state(&UserState { max_ts: 5, aggs: vec![AggState::Lifetime(1)] }, &mut bytes);
+        encode_user_state(
+            &UserState {
+                max_ts: 5,
+                aggs: vec![AggState::Lifetime(1)],
+            },
+            &mut bytes,
+        );
         for cut in 0..bytes.len() {
             assert!(decode_user_state(&bytes[..cut]).is_err());
         }

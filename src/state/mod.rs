@@ -71,7 +71,10 @@ fn locate<B>(buckets: &[B], id: i64, id_of: impl Fn(&B) -> i64) -> Result<usize,
 /// Drops buckets whose id is `<= oldest_needed - 1`, i.e. keeps ids `>= oldest_needed`.
 #[inline]
 fn prune<B>(buckets: &mut Vec<B>, oldest_needed: i64, id_of: impl Fn(&B) -> i64) {
-    let stale = buckets.iter().take_while(|b| id_of(b) < oldest_needed).count();
+    let stale = buckets
+        .iter()
+        .take_while(|b| id_of(b) < oldest_needed)
+        .count();
     if stale > 0 {
         buckets.drain(..stale);
     }
@@ -84,7 +87,14 @@ pub fn window_add(buckets: &mut Vec<WindowBucket>, id: i64, value: f64) {
             buckets[i].count += 1;
             buckets[i].sum += value;
         }
-        Err(i) => buckets.insert(i, WindowBucket { id, count: 1, sum: value }),
+        Err(i) => buckets.insert(
+            i,
+            WindowBucket {
+                id,
+                count: 1,
+                sum: value,
+            },
+        ),
     }
 }
 
@@ -113,7 +123,13 @@ pub fn distinct_add(buckets: &mut Vec<DistinctBucket>, id: i64, hash: u64) {
     let bucket = match locate(buckets, id, |b| b.id) {
         Ok(i) => &mut buckets[i],
         Err(i) => {
-            buckets.insert(i, DistinctBucket { id, values: Vec::new() });
+            buckets.insert(
+                i,
+                DistinctBucket {
+                    id,
+                    values: Vec::new(),
+                },
+            );
             &mut buckets[i]
         }
     };
@@ -124,10 +140,19 @@ pub fn distinct_add(buckets: &mut Vec<DistinctBucket>, id: i64, hash: u64) {
 
 /// Number of distinct hashes over the buckets `(current - span, current]`.
 /// `scratch` is reused between calls to avoid allocating per event.
-pub fn distinct_read(buckets: &[DistinctBucket], current: i64, span: i64, scratch: &mut Vec<u64>) -> u64 {
+pub fn distinct_read(
+    buckets: &[DistinctBucket],
+    current: i64,
+    span: i64,
+    scratch: &mut Vec<u64>,
+) -> u64 {
     scratch.clear();
-    let mut in_window = buckets.iter().filter(|b| b.id <= current && b.id > current - span);
-    let Some(first) = in_window.next() else { return 0 };
+    let mut in_window = buckets
+        .iter()
+        .filter(|b| b.id <= current && b.id > current - span);
+    let Some(first) = in_window.next() else {
+        return 0;
+    };
     scratch.extend_from_slice(&first.values);
     let mut merged = false;
     for b in in_window {
@@ -148,7 +173,8 @@ pub fn distinct_prune(buckets: &mut Vec<DistinctBucket>, oldest_needed: i64) {
 impl UserState {
     /// Approximate heap + inline bytes, for the memory budget and metrics.
     pub fn approx_bytes(&self) -> usize {
-        let mut bytes = std::mem::size_of::<UserState>() + self.aggs.capacity() * std::mem::size_of::<AggState>();
+        let mut bytes = std::mem::size_of::<UserState>()
+            + self.aggs.capacity() * std::mem::size_of::<AggState>();
         for agg in &self.aggs {
             bytes += match agg {
                 AggState::Window(b) => b.capacity() * std::mem::size_of::<WindowBucket>(),

@@ -18,12 +18,20 @@ pub enum StoreError {
     #[error("state store {path}: {source}")]
     Sled { path: PathBuf, source: sled::Error },
     #[error("state store {path}: user {user:?}: {source}")]
-    Corrupt { path: PathBuf, user: String, source: StateDecodeError },
+    Corrupt {
+        path: PathBuf,
+        user: String,
+        source: StateDecodeError,
+    },
     #[error(
         "state store {path} was written by a topology with different features or lateness \
          (state hash {found:016x}, this topology {expected:016x}); use another state dir or remove it"
     )]
-    Incompatible { path: PathBuf, found: u64, expected: u64 },
+    Incompatible {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
 }
 
 /// The sled database of one worker.
@@ -37,22 +45,37 @@ impl StateStore {
     /// Opens (or creates) the store and checks that it was written for the same feature
     /// definitions.
     pub fn open(path: &Path, state_hash: u64) -> Result<StateStore, StoreError> {
-        let sled_err = |source| StoreError::Sled { path: path.to_owned(), source };
+        let sled_err = |source| StoreError::Sled {
+            path: path.to_owned(),
+            source,
+        };
         std::fs::create_dir_all(path).map_err(|e| sled_err(sled::Error::Io(e)))?;
-        let db = sled::Config::new().path(path).flush_every_ms(None).open().map_err(sled_err)?;
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .open()
+            .map_err(sled_err)?;
         match db.get(STATE_HASH_KEY).map_err(sled_err)? {
             Some(found) => {
                 let found = u64::from_be_bytes(found.as_ref().try_into().unwrap_or_default());
                 if found != state_hash {
-                    return Err(StoreError::Incompatible { path: path.to_owned(), found, expected: state_hash });
+                    return Err(StoreError::Incompatible {
+                        path: path.to_owned(),
+                        found,
+                        expected: state_hash,
+                    });
                 }
             }
             None => {
-                db.insert(STATE_HASH_KEY, &state_hash.to_be_bytes()).map_err(sled_err)?;
+                db.insert(STATE_HASH_KEY, &state_hash.to_be_bytes())
+                    .map_err(sled_err)?;
                 db.flush().map_err(sled_err)?;
             }
         }
-        Ok(StateStore { db, path: path.to_owned() })
+        Ok(StateStore {
+            db,
+            path: path.to_owned(),
+        })
     }
 
     /// The store of one input partition.
@@ -60,8 +83,16 @@ impl StateStore {
         let tree = self
             .db
             .open_tree(format!("p/{topic}/{partition}"))
-            .map_err(|source| StoreError::Sled { path: self.path.clone(), source })?;
-        Ok(PartitionStore { tree, db: self.db.clone(), path: self.path.clone(), buffer: Vec::new() })
+            .map_err(|source| StoreError::Sled {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(PartitionStore {
+            tree,
+            db: self.db.clone(),
+            path: self.path.clone(),
+            buffer: Vec::new(),
+        })
     }
 }
 
@@ -75,7 +106,10 @@ pub struct PartitionStore {
 
 impl PartitionStore {
     fn sled_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Sled { path: self.path.clone(), source }
+        StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// The next input offset to process, if this partition was ever checkpointed here.
@@ -92,9 +126,15 @@ impl PartitionStore {
         let key = user_key(user);
         match self.tree.get(key).map_err(|e| self.sled_err(e))? {
             None => Ok(None),
-            Some(bytes) => decode_user_state(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt { path: self.path.clone(), user: user.to_owned(), source }),
+            Some(bytes) => {
+                decode_user_state(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        user: user.to_owned(),
+                        source,
+                    })
+            }
         }
     }
 
@@ -122,8 +162,11 @@ impl PartitionStore {
         self.tree.scan_prefix([USER_PREFIX]).map(move |item| {
             let (key, value) = item.map_err(|e| self.sled_err(e))?;
             let user = String::from_utf8_lossy(&key[1..]).into_owned();
-            let state = decode_user_state(&value)
-                .map_err(|source| StoreError::Corrupt { path: self.path.clone(), user: user.clone(), source })?;
+            let state = decode_user_state(&value).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                user: user.clone(),
+                source,
+            })?;
             Ok((user, state))
         })
     }

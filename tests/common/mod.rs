@@ -25,12 +25,19 @@ pub fn augur_bin() -> PathBuf {
 
 /// A random-enough suffix for topic, group and instance names.
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The tansu binary: `$AUGUR_TEST_TANSU`, else `tansu` on PATH or in ~/.cargo/bin.
@@ -38,7 +45,8 @@ fn tansu_bin() -> PathBuf {
     if let Ok(path) = std::env::var("AUGUR_TEST_TANSU") {
         return PathBuf::from(path);
     }
-    let home_bin = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/tansu");
+    let home_bin =
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/tansu");
     if home_bin.is_file() {
         return home_bin;
     }
@@ -67,7 +75,15 @@ impl Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
             .stderr(Stdio::null())
             .stdout(match std::env::var("AUGUR_TEST_TANSU_LOG") {
                 Ok(path) => Stdio::from(std::fs::File::create(path).unwrap()),
@@ -78,19 +94,30 @@ impl Broker {
         let brokers = format!("127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(&brokers).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {brokers} within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {brokers} within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Broker { child, brokers }
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .unwrap();
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let results = rt
-            .block_on(admin.create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))))
+            .block_on(admin.create_topics(
+                &[topic],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            ))
             .expect("create_topics");
         for r in results {
             r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
@@ -108,7 +135,13 @@ impl Broker {
 
     /// Reads every record of a topic currently available, until `done` says so or the
     /// timeout passes.
-    pub fn read_topic(&self, topic: &str, partitions: i32, timeout: Duration, mut done: impl FnMut(&[OwnedMessage]) -> bool) -> Vec<OwnedMessage> {
+    pub fn read_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        timeout: Duration,
+        mut done: impl FnMut(&[OwnedMessage]) -> bool,
+    ) -> Vec<OwnedMessage> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", unique("reader"))
@@ -119,7 +152,8 @@ impl Broker {
             .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&tpl).unwrap();
         let deadline = Instant::now() + timeout;
@@ -157,7 +191,11 @@ pub struct Topics {
 
 impl Topics {
     pub fn create(broker: &Broker, partitions: i32) -> Topics {
-        let t = Topics { events: unique("events"), predictions: unique("predictions"), dead_letter: unique("dlq") };
+        let t = Topics {
+            events: unique("events"),
+            predictions: unique("predictions"),
+            dead_letter: unique("dlq"),
+        };
         broker.create_topic(&t.events, partitions);
         broker.create_topic(&t.predictions, partitions);
         broker.create_topic(&t.dead_letter, 1);
@@ -172,17 +210,42 @@ pub fn write_topology(dir: &Path, topics: &Topics, codec: &str) -> PathBuf {
 }
 
 /// Like [`write_topology`], with further `(from, to)` text replacements.
-pub fn write_topology_with(dir: &Path, topics: &Topics, codec: &str, extra: &[(&str, &str)]) -> PathBuf {
+pub fn write_topology_with(
+    dir: &Path,
+    topics: &Topics,
+    codec: &str,
+    extra: &[(&str, &str)],
+) -> PathBuf {
     let text = std::fs::read_to_string(repo_root().join("topologies/ctr.yaml")).unwrap();
     let replace = |text: String, from: &str, to: &str| {
         assert!(text.contains(from), "topology has no {from:?}");
         text.replacen(from, to, 1)
     };
-    let text = replace(text, "topic: user-events", &format!("topic: {}", topics.events));
-    let text = replace(text, "codec: json            # json | protobuf", &format!("codec: {codec}"));
-    let text = replace(text, "topic: predictions,", &format!("topic: {},", topics.predictions));
-    let text = replace(text, "topic: dead-letter", &format!("topic: {}", topics.dead_letter));
-    let text = replace(text, "registry: ../models", &format!("registry: {}", repo_root().join("models").display()));
+    let text = replace(
+        text,
+        "topic: user-events",
+        &format!("topic: {}", topics.events),
+    );
+    let text = replace(
+        text,
+        "codec: json            # json | protobuf",
+        &format!("codec: {codec}"),
+    );
+    let text = replace(
+        text,
+        "topic: predictions,",
+        &format!("topic: {},", topics.predictions),
+    );
+    let text = replace(
+        text,
+        "topic: dead-letter",
+        &format!("topic: {}", topics.dead_letter),
+    );
+    let text = replace(
+        text,
+        "registry: ../models",
+        &format!("registry: {}", repo_root().join("models").display()),
+    );
     let mut text = replace(text, "listen: 127.0.0.1:9898", "listen: 127.0.0.1:0");
     for (from, to) in extra {
         text = replace(text, from, to);
@@ -198,14 +261,34 @@ pub struct Augur {
 }
 
 impl Augur {
-    pub fn start(topology: &Path, brokers: &str, group: &str, instance: &str, state_dir: &Path) -> Augur {
+    pub fn start(
+        topology: &Path,
+        brokers: &str,
+        group: &str,
+        instance: &str,
+        state_dir: &Path,
+    ) -> Augur {
         let child = Command::new(augur_bin())
             .args(["run", "--topology"])
             .arg(topology)
-            .args(["--brokers", brokers, "--group", group, "--instance-id", instance, "--session-timeout", "10s", "--log-features"])
+            .args([
+                "--brokers",
+                brokers,
+                "--group",
+                group,
+                "--instance-id",
+                instance,
+                "--session-timeout",
+                "10s",
+                "--log-features",
+            ])
             .arg("--state-dir")
             .arg(state_dir)
-            .env("AUGUR_LOG", std::env::var("AUGUR_TEST_LOG").unwrap_or_else(|_| "augur=info,librdkafka=warn".into()))
+            .env(
+                "AUGUR_LOG",
+                std::env::var("AUGUR_TEST_LOG")
+                    .unwrap_or_else(|_| "augur=info,librdkafka=warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -262,9 +345,16 @@ pub fn golden_events() -> Vec<(String, String)> {
 
 /// expected_features.csv: header names and rows by event_id.
 pub fn golden_features() -> (Vec<String>, HashMap<String, Vec<f64>>) {
-    let text = std::fs::read_to_string(repo_root().join("tests/data/golden/expected_features.csv")).unwrap();
+    let text = std::fs::read_to_string(repo_root().join("tests/data/golden/expected_features.csv"))
+        .unwrap();
     let mut lines = text.lines();
-    let header: Vec<String> = lines.next().unwrap().split(',').skip(1).map(str::to_owned).collect();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
     let rows = lines
         .map(|line| {
             let mut cells = line.split(',');
@@ -286,9 +376,15 @@ pub fn assert_feature_eq(event_id: &str, name: &str, got: f64, want: f64) {
 }
 
 /// Produces lines keyed by user; waits until all are acknowledged.
-pub fn produce_keyed(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, records: &[(String, String)]) {
+pub fn produce_keyed(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    records: &[(String, String)],
+) {
     for (key, payload) in records {
-        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(payload.as_str());
+        let mut record = BaseRecord::to(topic)
+            .key(key.as_str())
+            .payload(payload.as_str());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -307,7 +403,9 @@ pub fn predictions_by_event(messages: &[OwnedMessage]) -> HashMap<String, Vec<se
     let mut out: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
     for m in messages {
         let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        out.entry(v["event_id"].as_str().unwrap().to_owned()).or_default().push(v);
+        out.entry(v["event_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(v);
     }
     out
 }
@@ -318,6 +416,10 @@ pub fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let venv = repo_root().join(".venv/bin/python");
-    assert!(venv.is_file(), "no test venv at {}: run the tests with tests/run.sh, which creates it", venv.display());
+    assert!(
+        venv.is_file(),
+        "no test venv at {}: run the tests with tests/run.sh, which creates it",
+        venv.display()
+    );
     venv
 }
