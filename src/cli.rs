@@ -39,6 +39,153 @@ enum Command {
     },
     /// Everything in one process on an embedded broker: no services needed.
     Demo(crate::demo::DemoArgs),
+    /// Replay recorded events through the stream's feature code into training data.
+    Backfill(BackfillArgs),
+    /// Compare logged online features with the same features recomputed offline.
+    SkewReport(SkewArgs),
+    /// Batch prediction: score recorded events with the registry's model.
+    Score(ScoreArgs),
+    /// The model registry.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Write scenario-shaped events to a JSON-lines file.
+    Gen(GenArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Versions and aliases of a model.
+    List {
+        #[arg(long, env = "AUGUR_TOPOLOGY")]
+        topology: PathBuf,
+        /// Model name (default: the topology's).
+        name: Option<String>,
+    },
+    /// Check a model directory against the topology and add it as the next version.
+    Register {
+        #[arg(long, env = "AUGUR_TOPOLOGY")]
+        topology: PathBuf,
+        /// Directory with model.onnx and model.json.
+        dir: PathBuf,
+        /// Model name (default: the topology's).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Make a version the champion (the old champion becomes `previous`).
+    Promote {
+        #[arg(long, env = "AUGUR_TOPOLOGY")]
+        topology: PathBuf,
+        name: String,
+        version: u32,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct GenArgs {
+    /// Number of events.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Number of distinct users.
+    #[arg(long, default_value_t = 100_000)]
+    users: u32,
+    /// Event time of the first event (ms since epoch; default 2026-01-01).
+    #[arg(long, default_value_t = 1_767_225_600_000)]
+    start_ts: i64,
+    /// Event-time step between events, in ms.
+    #[arg(long, default_value_t = 50)]
+    step_ms: i64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output file (JSON lines).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Where offline events come from.
+#[derive(clap::Args, Debug)]
+struct OfflineInput {
+    /// Events file: JSON lines, or `.parquet` with the event columns.
+    #[arg(
+        long,
+        required_unless_present = "from_topic",
+        conflicts_with = "from_topic"
+    )]
+    input: Option<PathBuf>,
+    /// Read the events from this Kafka topic (beginning to current end) instead.
+    #[arg(long, requires = "brokers")]
+    from_topic: Option<String>,
+    /// Kafka bootstrap servers for --from-topic.
+    #[arg(long, env = "AUGUR_BROKERS")]
+    brokers: Option<String>,
+    /// Write every refused input record here as a JSON line (they are always counted).
+    #[arg(long)]
+    rejects: Option<PathBuf>,
+}
+
+impl OfflineInput {
+    fn events(&self, topology: &Topology) -> crate::offline::EventInput {
+        match (&self.input, &self.from_topic) {
+            (Some(path), _) => crate::offline::EventInput::File(path.clone()),
+            (None, Some(topic)) => crate::offline::EventInput::Topic {
+                brokers: self.brokers.clone().unwrap_or_default(),
+                topic: topic.clone(),
+                codec: topology.source_codec(),
+            },
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+
+    fn rejections(&self) -> anyhow::Result<crate::offline::Rejections> {
+        match &self.rejects {
+            Some(path) => crate::offline::Rejections::with_file(path)
+                .with_context(|| format!("creating {}", path.display())),
+            None => Ok(Default::default()),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct BackfillArgs {
+    /// Topology file: its features are the ones computed.
+    #[arg(long, env = "AUGUR_TOPOLOGY")]
+    topology: PathBuf,
+    #[command(flatten)]
+    input: OfflineInput,
+    /// Output: `.parquet` or `.csv`.
+    #[arg(long)]
+    out: PathBuf,
+    /// A row for every event, not only scored ones (their label is empty).
+    #[arg(long)]
+    all_events: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct SkewArgs {
+    #[arg(long, env = "AUGUR_TOPOLOGY")]
+    topology: PathBuf,
+    /// Logged predictions with features: a `.jsonl` file or a topic name.
+    #[arg(long)]
+    logged: String,
+    /// The events behind them: a file or a topic name.
+    #[arg(long)]
+    events: String,
+    /// Kafka bootstrap servers, when either is a topic.
+    #[arg(long, env = "AUGUR_BROKERS")]
+    brokers: Option<String>,
+    /// Largest accepted relative difference.
+    #[arg(long, default_value_t = 1e-9)]
+    tolerance: f64,
+}
+
+#[derive(clap::Args, Debug)]
+struct ScoreArgs {
+    #[arg(long, env = "AUGUR_TOPOLOGY")]
+    topology: PathBuf,
+    #[command(flatten)]
+    input: OfflineInput,
+    /// Output: `.jsonl` or `.parquet`.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,6 +228,11 @@ pub fn main() -> ExitCode {
         Command::Validate { file } => return validate(&file),
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(crate::demo::run(args))),
+        Command::Backfill(args) => backfill(args),
+        Command::SkewReport(args) => return skew_report(args),
+        Command::Score(args) => score(args),
+        Command::Models(command) => models(command),
+        Command::Gen(args) => gen(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -194,4 +346,202 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
     // Give log lines a moment to flush in containers that kill quickly.
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
+    let topology = Topology::load(&args.topology)?;
+    let events = args.input.events(&topology);
+    let summary = crate::offline::backfill(
+        &topology.feature_set(),
+        topology.scored_types(),
+        &events,
+        &args.out,
+        args.all_events,
+        args.input.rejections()?,
+    )?;
+    println!(
+        "backfill: {} events from {} -> {} rows in {} ({} users), {:.0} events/s",
+        summary.events,
+        events.describe(),
+        summary.rows,
+        args.out.display(),
+        summary.users,
+        summary.events_per_second
+    );
+    println!("{}", summary.rejections.report());
+    Ok(())
+}
+
+/// A file when it exists, else a topic (which needs brokers).
+fn file_or_topic(
+    value: &str,
+    brokers: &Option<String>,
+    what: &str,
+) -> anyhow::Result<(Option<PathBuf>, Option<String>)> {
+    let path = PathBuf::from(value);
+    if path.is_file() {
+        return Ok((Some(path), None));
+    }
+    match brokers {
+        Some(_) => Ok((None, Some(value.to_owned()))),
+        None => anyhow::bail!(
+            "{what} {value:?} is not a file, and no --brokers were given to read it as a topic"
+        ),
+    }
+}
+
+fn skew_report(args: SkewArgs) -> ExitCode {
+    let run = || -> anyhow::Result<bool> {
+        let topology = Topology::load(&args.topology)?;
+        let brokers = args.brokers.clone().unwrap_or_default();
+        let logged = file_or_topic(&args.logged, &args.brokers, "--logged")?;
+        let logged = match &logged {
+            (Some(path), _) => crate::offline::LoggedSource::File(path),
+            (None, Some(topic)) => crate::offline::LoggedSource::Topic {
+                brokers: &brokers,
+                topic,
+            },
+            _ => unreachable!(),
+        };
+        let events = match file_or_topic(&args.events, &args.brokers, "--events")? {
+            (Some(path), _) => crate::offline::EventInput::File(path),
+            (None, Some(topic)) => crate::offline::EventInput::Topic {
+                brokers: brokers.clone(),
+                topic,
+                codec: topology.source_codec(),
+            },
+            _ => unreachable!(),
+        };
+        let report = crate::offline::skew_report(
+            &topology.feature_set(),
+            topology.scored_types(),
+            &logged,
+            &events,
+            args.tolerance,
+        )?;
+        print!("{}", report.render());
+        println!("{}", report.rejections.report());
+        Ok(report.is_clean())
+    };
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("augur: skew found (or nothing compared)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("augur: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn score(args: ScoreArgs) -> anyhow::Result<()> {
+    let topology = Topology::load(&args.topology)?;
+    let features = topology.feature_set();
+    let dir = args
+        .topology
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let registry = crate::model::Registry::open(dir.join(&topology.model.registry));
+    let (_, model_dir) = registry.resolve(&topology.model.name, &topology.model.version)?;
+    let model = crate::model::Model::load(&model_dir, features.names())?;
+    let events = args.input.events(&topology);
+    let summary = crate::offline::score(
+        &features,
+        topology.scored_types(),
+        &model,
+        &events,
+        &args.out,
+        args.input.rejections()?,
+    )?;
+    println!(
+        "score: {} events from {} -> {} predictions by {} v{} in {}, {:.0} events/s",
+        summary.events,
+        events.describe(),
+        summary.predictions,
+        model.meta.name,
+        model.meta.version,
+        args.out.display(),
+        summary.events_per_second
+    );
+    println!("{}", summary.rejections.report());
+    Ok(())
+}
+
+fn registry_of(topology_path: &Path, topology: &Topology) -> crate::model::Registry {
+    let dir = topology_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    crate::model::Registry::open(dir.join(&topology.model.registry))
+}
+
+fn models(command: ModelsCommand) -> anyhow::Result<()> {
+    match command {
+        ModelsCommand::List {
+            topology: path,
+            name,
+        } => {
+            let topology = Topology::load(&path)?;
+            let registry = registry_of(&path, &topology);
+            let name = name.unwrap_or_else(|| topology.model.name.clone());
+            let aliases = registry.aliases(&name)?;
+            for version in registry.versions(&name)? {
+                let names: Vec<&str> = aliases
+                    .iter()
+                    .filter(|(_, v)| **v == version)
+                    .map(|(a, _)| a.as_str())
+                    .collect();
+                println!("{name} v{version} {}", names.join(","));
+            }
+        }
+        ModelsCommand::Register {
+            topology: path,
+            dir,
+            name,
+        } => {
+            let topology = Topology::load(&path)?;
+            let registry = registry_of(&path, &topology);
+            let name = name.unwrap_or_else(|| topology.model.name.clone());
+            let version = registry.register(&name, &dir, topology.feature_set().names())?;
+            println!(
+                "registered {name} v{version} from {} in {}",
+                dir.display(),
+                registry.root().display()
+            );
+        }
+        ModelsCommand::Promote {
+            topology: path,
+            name,
+            version,
+        } => {
+            let topology = Topology::load(&path)?;
+            registry_of(&path, &topology).set_alias(&name, "champion", version)?;
+            println!("{name}: champion is now v{version}");
+        }
+    }
+    Ok(())
+}
+
+fn gen(args: GenArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut generator = crate::gen::Generator::new(args.seed, args.users);
+    for i in 0..args.events {
+        let event = generator.next_event(args.start_ts + i as i64 * args.step_ms);
+        writeln!(out, "{}", crate::gen::event_json(&event))
+            .with_context(|| format!("writing {}", args.out.display()))?;
+    }
+    out.flush()?;
+    println!(
+        "gen: {} events for {} users -> {}",
+        args.events,
+        args.users,
+        args.out.display()
+    );
+    Ok(())
 }

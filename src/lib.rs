@@ -16,6 +16,7 @@ pub mod features;
 pub mod gen;
 pub mod metrics;
 pub mod model;
+pub mod offline;
 pub mod pipeline;
 pub mod sink;
 pub mod source;

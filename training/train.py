@@ -7,18 +7,26 @@ is a single ``ai.onnx.ml`` ``LinearClassifier`` node: the Rust runtime (tract)
 has no ``Scaler`` operator.
 
 Steps:
-  1. read the features (CSV or Parquet) and, with ``--labels``, join the
-     labels on ``event_id``; only rows with a label (impressions) are kept;
+  1. read the features (CSV or Parquet, e.g. ``augur backfill`` output, with or
+     without ``--all-events``) and, with ``--labels``, join the labels on
+     ``event_id``; only rows with a label (impressions) are kept;
   2. validate (missing feature column, nulls or non-finite values, label not
      0/1, label rate 0 or 1): any failure stops with exit code 2 and a message
      naming the column;
-  3. split: the last 20% by ``ts`` is the holdout when a ``ts`` column exists,
-     else the last 20% of rows;
+  3. split: the last 20% by ``ts`` (ties by ``event_id``) is the holdout when a
+     ``ts`` column exists, else the last 20% of rows;
   4. fit StandardScaler + LogisticRegression on the training part, fold the
      scaling, export with skl2onnx and check with onnxruntime that the folded
      ONNX model reproduces the pipeline's probabilities within 1e-5;
   5. evaluate the ONNX model on the holdout and write ``model.onnx`` and
-     ``model.json`` into ``--out``.
+     ``model.json`` into ``--out``;
+  6. with ``--register``: ``augur models register`` the ``--out`` directory
+     (the registry assigns the version), score the same holdout rows with the
+     registry's champion (the ``champion`` alias, else the newest other
+     version; its own ``features`` order, float32) and, if the new holdout AUC
+     is strictly greater or there is no other version, ``augur models
+     promote`` the new version. A failing augur command or an unreadable
+     champion stops with exit code 3; "not promoted" is a success (exit 0).
 
 In ``model.json``, ``metrics`` are measured on the holdout (``positive_rate``
 is the holdout's observed label rate; a score >= ``threshold`` counts as a
@@ -26,9 +34,17 @@ positive for ``accuracy``), ``reference`` describes the training part
 (quantiles use numpy's linear interpolation; the samples share one seeded
 choice of rows) and ``lineage.rows`` counts all labelled rows, both parts.
 
-Example:
+Examples:
   python training/train.py --features tests/data/golden/expected_features.csv \\
       --labels tests/data/golden/expected_labels.csv --out models/ctr/1
+
+  augur backfill --topology topologies/ctr.yaml \\
+      --input tests/data/golden/events.jsonl --out /tmp/train.parquet
+  python training/train.py --features /tmp/train.parquet --out /tmp/candidate \\
+      --register --topology topologies/ctr.yaml
+
+The augur binary is ``--augur``, else ``$AUGUR_BIN``, else ``augur`` on PATH,
+else ``target/release/augur`` or ``target/debug/augur`` of this repository.
 """
 
 import argparse
@@ -36,6 +52,9 @@ import copy
 import datetime
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -76,6 +95,10 @@ FOLD_TOLERANCE = 1e-5
 
 class DataError(Exception):
     """Invalid training data; the message names the offending column."""
+
+
+class RegistryError(Exception):
+    """augur failed or the registry's champion could not be scored."""
 
 
 def read_table(path):
@@ -134,7 +157,7 @@ def validate(df):
 def split(df):
     """Split into (train, holdout): the last 20% by ts, else by row order."""
     if "ts" in df.columns:
-        df = df.sort_values("ts", kind="mergesort").reset_index(drop=True)
+        df = df.sort_values(["ts", "event_id"], kind="mergesort").reset_index(drop=True)
     n_train = int(len(df) * (1 - HOLDOUT_FRACTION))
     train, holdout = df.iloc[:n_train], df.iloc[n_train:]
     for part, name in ((train, "training"), (holdout, "holdout")):
@@ -171,12 +194,11 @@ def export(folded):
     return onx
 
 
-def onnx_scores(onx, x, positive_index):
-    """Positive-class probabilities of the ONNX model, run on float32 input."""
-    session = ort.InferenceSession(
-        onx.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    (proba,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: x.astype(np.float32)})
+def onnx_scores(model, x, positive_index, input_name=ONNX_INPUT, output_name=ONNX_OUTPUT):
+    """Positive-class probabilities of an ONNX model (serialized bytes or a
+    file path), run on float32 input."""
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    (proba,) = session.run([output_name], {input_name: x.astype(np.float32)})
     return proba[:, positive_index].astype(np.float64)
 
 
@@ -232,6 +254,95 @@ def lineage(path, df, topology_hash):
     }
 
 
+def find_augur():
+    """The augur binary when --augur is not given (see the module docstring)."""
+    found = os.environ.get("AUGUR_BIN") or shutil.which("augur")
+    if found:
+        return found
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for build in ("release", "debug"):
+        candidate = os.path.join(repo, "target", build, "augur")
+        if os.path.isfile(candidate):
+            return candidate
+    raise RegistryError("no augur binary: pass --augur, set AUGUR_BIN or put augur on PATH")
+
+
+def augur(binary, *args):
+    """Run an augur command and return its stdout; RegistryError on failure."""
+    command = [binary, *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except OSError as err:
+        raise RegistryError(f"cannot run {binary}: {err}") from err
+    if done.returncode != 0:
+        raise RegistryError(f"`{' '.join(command)}` failed with exit code "
+                            f"{done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def register(binary, topology, out, name):
+    """Register the --out directory; return (new version, registry root)."""
+    stdout = augur(binary, "models", "register", "--topology", topology, out, "--name", name)
+    pattern = rf"registered {re.escape(name)} v(\d+) from {re.escape(out)} in (.+)"
+    match = re.fullmatch(pattern, stdout.strip())
+    if match is None:
+        raise RegistryError(f"unexpected output of augur models register: {stdout.strip()!r}")
+    return int(match[1]), match[2]
+
+
+def champion_version(root, name, new_version):
+    """The version to beat: the champion alias, else the newest other version
+    (None when the new version is the only one)."""
+    model_dir = os.path.join(root, name)
+    aliases_path = os.path.join(model_dir, "aliases.json")
+    if os.path.exists(aliases_path):
+        with open(aliases_path) as f:
+            champion = json.load(f).get("champion")
+        if champion is not None:
+            return int(champion)
+    others = [int(e) for e in os.listdir(model_dir) if e.isdigit() and int(e) != new_version]
+    return max(others, default=None)
+
+
+def champion_auc(model_dir, holdout):
+    """Holdout AUC of a registered model, fed its own model.json feature order."""
+    with open(os.path.join(model_dir, "model.json")) as f:
+        meta = json.load(f)
+    missing = [n for n in meta["features"] if n not in holdout.columns]
+    if missing:
+        raise ValueError(f"{model_dir}: feature(s) {missing} are not in the training data")
+    x = holdout[meta["features"]].to_numpy(dtype=np.float32)
+    p = onnx_scores(os.path.join(model_dir, "model.onnx"), x, meta["positive_index"],
+                    meta["input"], meta["output"])
+    return float(roc_auc_score(holdout["label"].to_numpy(dtype=np.int64), p))
+
+
+def register_and_compare(args, holdout, new_auc):
+    """Register --out, compare with the champion on the holdout, promote if
+    better; return the summary lines."""
+    binary = args.augur or find_augur()
+    version, root = register(binary, args.topology, args.out, args.name)
+    lines = [f"registered {args.name} v{version} in {root} (augur: {binary})"]
+    try:
+        champion = champion_version(root, args.name, version)
+        champ_auc = None if champion is None else champion_auc(
+            os.path.join(root, args.name, str(champion)), holdout)
+    except (OSError, ValueError, KeyError) as err:
+        raise RegistryError(f"registered {args.name} v{version}, but its champion could not "
+                            f"be scored: {err}") from err
+    if champion is None:
+        reason = "no other version"
+    elif new_auc > champ_auc:
+        reason = f"holdout AUC {new_auc:.6f} > champion v{champion} {champ_auc:.6f}"
+    else:
+        lines.append(f"not promoted: holdout AUC {new_auc:.6f} <= "
+                     f"champion v{champion} {champ_auc:.6f}")
+        return lines
+    augur(binary, "models", "promote", "--topology", args.topology, args.name, str(version))
+    lines.append(f"promoted {args.name} v{version} to champion: {reason}")
+    return lines
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Train the CTR logistic regression and export ONNX + model.json."
@@ -240,14 +351,22 @@ def parse_args(argv):
     parser.add_argument("--labels", help="labels CSV (event_id,label) to join on event_id")
     parser.add_argument("--out", required=True, help="output directory, e.g. models/ctr/1")
     parser.add_argument("--name", default="ctr", help="model name (default: ctr)")
-    parser.add_argument("--version", type=int, default=1, help="model version (default: 1)")
+    parser.add_argument("--version", type=int, default=1,
+                        help="model version (default: 1; with --register the registry's)")
     parser.add_argument("--C", dest="c", type=float, default=1.0,
                         help="inverse regularization strength (default: 1.0)")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="decision threshold stored in model.json (default: 0.5)")
     parser.add_argument("--topology-hash", default=None,
                         help="hash of the feature topology, recorded in lineage")
-    return parser.parse_args(argv)
+    parser.add_argument("--register", action="store_true",
+                        help="register --out with augur and promote it if it beats the champion")
+    parser.add_argument("--topology", help="topology YAML naming the registry (with --register)")
+    parser.add_argument("--augur", help="augur binary (default: $AUGUR_BIN, PATH, target/)")
+    args = parser.parse_args(argv)
+    if args.register != (args.topology is not None):
+        parser.error("--register and --topology go together")
+    return args
 
 
 def main(argv=None):
@@ -269,7 +388,8 @@ def main(argv=None):
     positive_index = int(np.flatnonzero(folded.classes_ == 1)[0])
     onx = export(folded)
 
-    p_hold = onnx_scores(onx, x_hold, positive_index)
+    onnx_bytes = onx.SerializeToString()
+    p_hold = onnx_scores(onnx_bytes, x_hold, positive_index)
     gap = float(np.abs(p_hold - pipeline.predict_proba(x_hold)[:, positive_index]).max())
     if gap > FOLD_TOLERANCE:
         print(f"error: folded ONNX model differs from the pipeline by {gap:.3g}",
@@ -286,13 +406,13 @@ def main(argv=None):
         "positive_index": positive_index,
         "threshold": args.threshold,
         "metrics": metrics,
-        "reference": reference(x_train, y_train, onnx_scores(onx, x_train, positive_index)),
+        "reference": reference(x_train, y_train, onnx_scores(onnx_bytes, x_train, positive_index)),
         "lineage": lineage(args.features, df, args.topology_hash),
     }
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "model.onnx"), "wb") as f:
-        f.write(onx.SerializeToString())
+        f.write(onnx_bytes)
     with open(os.path.join(args.out, "model.json"), "w") as f:
         json.dump(meta, f, indent=2, allow_nan=False)
         f.write("\n")
@@ -305,6 +425,13 @@ def main(argv=None):
     for mean_pred, observed, count in metrics["calibration"]:
         print(f"    {mean_pred:.4f}  {observed:.4f}  {count}")
     print(f"wrote {args.out}/model.onnx and {args.out}/model.json")
+    if args.register:
+        try:
+            lines = register_and_compare(args, holdout, metrics["auc"])
+        except RegistryError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        print("\n".join(lines))
     return 0
 
 

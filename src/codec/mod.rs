@@ -185,6 +185,12 @@ pub fn decode_event(codec: Codec, payload: &[u8], now_ms: i64) -> Result<Event, 
     Ok(event)
 }
 
+/// Applies the value checks to an event decoded elsewhere (Parquet input).
+pub fn validate(event: Event, now_ms: i64) -> Result<Event, Rejection> {
+    validate_event(&event, now_ms)?;
+    Ok(event)
+}
+
 /// The value checks shared by every codec.
 fn validate_event(event: &Event, now_ms: i64) -> Result<(), Rejection> {
     if event.user_id.is_empty() {

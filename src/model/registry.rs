@@ -87,6 +87,108 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Registers a model directory (`model.onnx` + `model.json`) as the next version of
+    /// `name`, after checking that it loads in tract, that its inputs are features the
+    /// topology produces, and that it scores a probe batch to probabilities. Versions
+    /// are never overwritten. Returns the new version.
+    pub fn register(
+        &self,
+        name: &str,
+        source: &Path,
+        topology_features: &[String],
+    ) -> Result<u32, ModelError> {
+        let model = super::Model::load(source, topology_features)?;
+        if model.width() != topology_features.len() {
+            return Err(ModelError::Mismatch {
+                name: name.to_owned(),
+                version: model.meta.version,
+                message: format!(
+                    "model takes {} inputs but the topology produces {} features ({})",
+                    model.width(),
+                    topology_features.len(),
+                    topology_features.join(", ")
+                ),
+            });
+        }
+        let dir = self.root.join(name);
+        std::fs::create_dir_all(&dir).map_err(|source| ModelError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        let version = self
+            .versions(name)
+            .unwrap_or_default()
+            .last()
+            .map_or(1, |v| v + 1);
+        let target = dir.join(version.to_string());
+        let staging = dir.join(format!(".{version}.staging"));
+        let copy = |file: &str| {
+            std::fs::copy(source.join(file), staging.join(file)).map_err(|source_err| {
+                ModelError::Read {
+                    path: source.join(file),
+                    source: source_err,
+                }
+            })
+        };
+        std::fs::create_dir_all(&staging).map_err(|source| ModelError::Read {
+            path: staging.clone(),
+            source,
+        })?;
+        copy("model.onnx")?;
+        // The registered model.json records the name and version it was registered as.
+        let meta_path = source.join("model.json");
+        let text = std::fs::read_to_string(&meta_path).map_err(|source| ModelError::Read {
+            path: meta_path.clone(),
+            source,
+        })?;
+        let mut meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Meta {
+                path: meta_path.clone(),
+                source,
+            })?;
+        meta["name"] = serde_json::json!(name);
+        meta["version"] = serde_json::json!(version);
+        let pretty = serde_json::to_string_pretty(&meta).expect("a JSON value serializes");
+        std::fs::write(staging.join("model.json"), pretty).map_err(|source| ModelError::Read {
+            path: staging.clone(),
+            source,
+        })?;
+        // Rename last, so a half-copied version is never visible.
+        std::fs::rename(&staging, &target).map_err(|source| ModelError::Read {
+            path: target.clone(),
+            source,
+        })?;
+        Ok(version)
+    }
+
+    /// Points `alias` at `version`; moving `champion` keeps the old one as `previous`.
+    pub fn set_alias(&self, name: &str, alias: &str, version: u32) -> Result<(), ModelError> {
+        if !self.versions(name)?.contains(&version) {
+            return Err(self.error(format!("model \"{name}\" has no version {version}")));
+        }
+        let mut aliases = self.aliases(name)?;
+        if alias == "champion" {
+            if let Some(old) = aliases
+                .get("champion")
+                .copied()
+                .filter(|old| *old != version)
+            {
+                aliases.insert("previous".into(), old);
+            }
+        }
+        aliases.insert(alias.to_owned(), version);
+        let path = self.root.join(name).join("aliases.json");
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(&aliases).expect("a map serializes");
+        std::fs::write(&tmp, text).map_err(|source| ModelError::Read {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| ModelError::Read { path, source })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
