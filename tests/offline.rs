@@ -263,6 +263,27 @@ fn stream_features_equal_backfill_and_batch_scores_equal_stream_scores() {
         String::from_utf8_lossy(&report.stderr)
     );
 
+    // Backfill straight from the topic equals the pandas golden files too.
+    let from_topic = dir.path().join("from-topic.parquet");
+    let run = augur(&[
+        "backfill",
+        "--topology",
+        &topology_path(),
+        "--from-topic",
+        &topics.events,
+        "--brokers",
+        &broker.brokers,
+        "--out",
+        from_topic.to_str().unwrap(),
+        "--all-events",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    check_with_pandas(&from_topic);
+
     // A skewed log is caught and the feature named.
     let tampered = dir.path().join("tampered.jsonl");
     let mut first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();

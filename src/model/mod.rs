@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
+use tract_hir::infer::Factoid;
 use tract_onnx::prelude::*;
 
 pub use registry::Registry;
@@ -133,6 +134,18 @@ impl Model {
             .map_err(load_err)?;
         let batch = model.sym("N");
         let width = meta.features.len();
+        let declared = model
+            .input_fact(0)
+            .ok()
+            .and_then(|fact| fact.shape.dim(1))
+            .and_then(|dim| dim.concretize())
+            .and_then(|d| d.as_i64());
+        if let Some(declared) = declared.filter(|d| *d != width as i64) {
+            return Err(mismatch(format!(
+                "model.onnx takes {declared} inputs but model.json lists {width} features ({})",
+                meta.features.join(", ")
+            )));
+        }
         model
             .set_input_fact(0, f32::fact([batch.to_dim(), width.to_dim()]).into())
             .map_err(load_err)?;

@@ -98,7 +98,11 @@ impl Registry {
         source: &Path,
         topology_features: &[String],
     ) -> Result<u32, ModelError> {
-        let model = super::Model::load(source, topology_features)?;
+        let model =
+            super::Model::load(source, topology_features).map_err(|e| ModelError::Registry {
+                path: source.to_owned(),
+                message: format!("refused as a version of \"{name}\": {e}"),
+            })?;
         if model.width() != topology_features.len() {
             return Err(ModelError::Mismatch {
                 name: name.to_owned(),

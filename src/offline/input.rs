@@ -329,12 +329,14 @@ pub fn read_topic_records(
             }
             Some(Err(e)) => return Err(kafka(e)),
             None if remaining.is_empty() => break,
-            None => return Err(InputError::Kafka {
-                topic: topic.to_owned(),
-                message: format!(
+            None => {
+                return Err(InputError::Kafka {
+                    topic: topic.to_owned(),
+                    message: format!(
                     "no record within {timeout:?}; partitions not read to the end: {remaining:?}"
                 ),
-            }),
+                })
+            }
         }
     }
     Ok(())

@@ -76,7 +76,7 @@ impl<'f> Replay<'f> {
 
     /// Applies one event; finished rows (unscored ones at once, scored ones when their
     /// label is settled) go to `out`. A late event is refused, as in the stream.
-    pub fn apply(&mut self, event: Event, mut out: impl FnMut(Row)) -> Result<(), Rejection> {
+    pub fn apply(&mut self, mut event: Event, mut out: impl FnMut(Row)) -> Result<(), Rejection> {
         let user = match self.users.get_mut(&event.user_id) {
             Some(user) => user,
             None => self
@@ -101,9 +101,10 @@ impl<'f> Replay<'f> {
         }
         let scored = self.scored.contains(event.kind);
         if scored || self.all_events {
+            // The row takes the event's ids: labels only need its item, type and time.
             let row = Row {
-                event_id: event.event_id.clone(),
-                user_id: event.user_id.clone(),
+                event_id: std::mem::take(&mut event.event_id),
+                user_id: std::mem::take(&mut event.user_id),
                 ts: event.ts,
                 features: self.values.clone().into_boxed_slice(),
                 label: None,
