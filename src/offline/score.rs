@@ -90,6 +90,8 @@ pub fn score(
     })
 }
 
+// One per run, so the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum PredictionFile {
     Jsonl {
         out: BufWriter<File>,
