@@ -50,6 +50,29 @@ enum Command {
     Models(ModelsCommand),
     /// Write scenario-shaped events to a JSON-lines file.
     Gen(GenArgs),
+    /// Events to a registered model in one command: backfill, then training/train.py
+    /// (validate, split by time, train, evaluate, export, register, promote if better).
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    #[arg(long, env = "AUGUR_TOPOLOGY")]
+    topology: PathBuf,
+    #[command(flatten)]
+    input: OfflineInput,
+    /// Where train.py writes the candidate before it is registered.
+    #[arg(long)]
+    out: PathBuf,
+    /// The training script.
+    #[arg(long, env = "AUGUR_TRAIN_SCRIPT", default_value = "training/train.py")]
+    script: PathBuf,
+    /// Python with the training requirements (default: .venv/bin/python, else python3).
+    #[arg(long, env = "AUGUR_PYTHON")]
+    python: Option<PathBuf>,
+    /// Further arguments for train.py (after `--`), e.g. `-- --C 0.5`.
+    #[arg(last = true)]
+    extra: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,6 +256,7 @@ pub fn main() -> ExitCode {
         Command::Score(args) => score(args),
         Command::Models(command) => models(command),
         Command::Gen(args) => gen(args),
+        Command::Train(args) => train(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -543,5 +567,58 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
         args.users,
         args.out.display()
     );
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let topology = Topology::load(&args.topology)?;
+    if !args.script.is_file() {
+        anyhow::bail!(
+            "training script {} not found (set --script or AUGUR_TRAIN_SCRIPT)",
+            args.script.display()
+        );
+    }
+    let python = args.python.clone().unwrap_or_else(|| {
+        let venv = PathBuf::from(".venv/bin/python");
+        if venv.is_file() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        }
+    });
+    let work = tempfile::tempdir().context("creating a temporary directory")?;
+    let data = work.path().join("train.parquet");
+    let events = args.input.events(&topology);
+    let summary = crate::offline::backfill(
+        &topology.feature_set(),
+        topology.scored_types(),
+        &events,
+        &data,
+        false,
+        args.input.rejections()?,
+    )?;
+    println!(
+        "train: backfill of {} events -> {} labelled rows",
+        summary.events, summary.rows
+    );
+    println!("{}", summary.rejections.report());
+    let me = std::env::current_exe().context("locating the augur binary")?;
+    let status = std::process::Command::new(&python)
+        .arg(&args.script)
+        .arg("--features")
+        .arg(&data)
+        .arg("--out")
+        .arg(&args.out)
+        .arg("--register")
+        .arg("--topology")
+        .arg(&args.topology)
+        .arg("--augur")
+        .arg(&me)
+        .args(&args.extra)
+        .status()
+        .with_context(|| format!("running {} {}", python.display(), args.script.display()))?;
+    if !status.success() {
+        anyhow::bail!("{} failed with {status}", args.script.display());
+    }
     Ok(())
 }

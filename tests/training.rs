@@ -224,3 +224,30 @@ fn register_refuses_a_model_with_the_wrong_input_width() {
         "nothing registered"
     );
 }
+
+#[test]
+fn augur_train_goes_from_events_to_a_registered_model_in_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (topology, models) = scratch_registry(dir.path());
+    let run = Command::new(augur_bin())
+        .current_dir(repo_root())
+        .args(["train", "--topology"])
+        .arg(&topology)
+        .arg("--input")
+        .arg(repo_root().join("tests/data/golden/events.jsonl"))
+        .arg("--out")
+        .arg(dir.path().join("candidate"))
+        .arg("--python")
+        .arg(python())
+        .args(["--", "--C", "0.25"])
+        .output()
+        .unwrap();
+    let out = text(&run);
+    assert!(run.status.success(), "{out}");
+    assert!(out.contains("14454 events -> 12454 labelled rows"), "{out}");
+    assert!(out.contains("registered ctr v3"), "{out}");
+    assert_eq!(
+        Registry::open(&models).versions("ctr").unwrap(),
+        vec![1, 2, 3]
+    );
+}

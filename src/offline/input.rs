@@ -28,15 +28,36 @@ pub enum InputError {
 /// Where one record came from.
 #[derive(Debug, Clone)]
 pub enum Location {
-    Line { line: u64 },
-    Row { row: u64 },
-    Offset { partition: i32, offset: i64 },
+    /// `bytes`: how far into the file the record ends, for progress.
+    Line {
+        line: u64,
+        bytes: u64,
+    },
+    Row {
+        row: u64,
+    },
+    Offset {
+        partition: i32,
+        offset: i64,
+    },
+}
+
+impl Location {
+    /// Fraction of a file of `total` bytes read so far, when known.
+    pub fn fraction(&self, total: Option<u64>) -> Option<f64> {
+        match (self, total) {
+            (Location::Line { bytes, .. }, Some(total)) if total > 0 => {
+                Some(*bytes as f64 / total as f64)
+            }
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Location::Line { line } => write!(f, "line {line}"),
+            Location::Line { line, .. } => write!(f, "line {line}"),
             Location::Row { row } => write!(f, "row {row}"),
             Location::Offset { partition, offset } => {
                 write!(f, "partition {partition} offset {offset}")
@@ -88,20 +109,25 @@ impl EventInput {
                 };
                 let mut reader = BufReader::with_capacity(1 << 20, File::open(path).map_err(io)?);
                 let mut line = Vec::with_capacity(512);
-                let mut number = 0u64;
+                let (mut number, mut bytes) = (0u64, 0u64);
                 loop {
                     line.clear();
-                    if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
+                    let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+                    if n == 0 {
                         return Ok(());
                     }
                     number += 1;
+                    bytes += n as u64;
                     let text = trim_line(&line);
                     if text.is_empty() {
                         continue;
                     }
                     each(
                         decode_event(Codec::Json, text, now_ms),
-                        Location::Line { line: number },
+                        Location::Line {
+                            line: number,
+                            bytes,
+                        },
                     );
                 }
             }

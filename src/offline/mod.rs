@@ -219,15 +219,28 @@ impl Progress {
         }
     }
 
-    pub fn tick(&mut self, events: u64, users: usize) {
+    /// `fraction`: how much of the input is read, when the input's size is known.
+    pub fn tick(&mut self, events: u64, users: usize, fraction: Option<f64>) {
         if events % 65_536 != 0 || self.last.elapsed().as_secs_f64() < 1.0 {
             return;
         }
         self.last = Instant::now();
         let rate = events as f64 / self.started.elapsed().as_secs_f64();
+        let bar = match fraction {
+            Some(f) => {
+                let filled = (f.clamp(0.0, 1.0) * 30.0) as usize;
+                format!(
+                    "[{}{}] {:>3.0}% ",
+                    "#".repeat(filled),
+                    ".".repeat(30 - filled),
+                    f * 100.0
+                )
+            }
+            None => String::new(),
+        };
         let line = format!(
-            "{}: {events} events, {users} users, {:.0} events/s",
-            self.label, rate
+            "{}: {bar}{events} events, {users} users, {rate:.0} events/s",
+            self.label
         );
         if self.tty {
             eprint!("\r{line}");
@@ -269,9 +282,11 @@ pub fn backfill(
     let (mut events, mut rows) = (0u64, 0u64);
     let mut write_error = None;
     let source = input.describe();
+    let size = input.size_hint();
     let now = crate::codec::now_ms();
     input.for_each(now, |decoded, location| {
         events += 1;
+        let fraction = location.fraction(size);
         let applied = decoded.and_then(|event| {
             replay.apply(event, |row| {
                 rows += 1;
@@ -283,7 +298,7 @@ pub fn backfill(
         if let Err(rejection) = applied {
             rejections.record(&source, &location, &rejection);
         }
-        progress.tick(events, replay.users());
+        progress.tick(events, replay.users(), fraction);
     })?;
     replay.finish(|row| {
         rows += 1;

@@ -59,8 +59,10 @@ pub fn score(
     let mut failure: Option<OfflineError> = None;
     let mut progress = Progress::new("score");
     let source = input.describe();
+    let size = input.size_hint();
     input.for_each(crate::codec::now_ms(), |decoded, location| {
         events += 1;
+        let fraction = location.fraction(size);
         let applied = decoded.and_then(|event| replay.apply(event, |row| pending.push(row)));
         if let Err(rejection) = applied {
             rejections.record(&source, &location, &rejection);
@@ -71,7 +73,7 @@ pub fn score(
                 Err(e) => failure = Some(e),
             }
         }
-        progress.tick(events, replay.users());
+        progress.tick(events, replay.users(), fraction);
     })?;
     if let Some(e) = failure {
         return Err(e);
