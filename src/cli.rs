@@ -50,9 +50,25 @@ enum Command {
     Models(ModelsCommand),
     /// Write scenario-shaped events to a JSON-lines file.
     Gen(GenArgs),
+    /// Read the online store.
+    #[command(subcommand)]
+    Features(FeaturesCommand),
     /// Events to a registered model in one command: backfill, then training/train.py
     /// (validate, split by time, train, evaluate, export, register, promote if better).
     Train(TrainArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum FeaturesCommand {
+    /// Print a user's latest features from the online store, as JSON.
+    Get {
+        #[arg(long, env = "AUGUR_TOPOLOGY")]
+        topology: PathBuf,
+        /// Online store URL (default: the topology's online_store.url).
+        #[arg(long, env = "AUGUR_ONLINE_STORE")]
+        online_store: Option<String>,
+        user_id: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -237,6 +253,9 @@ struct RunArgs {
     /// Admin address for /metrics, /healthz, /readyz (overrides admin.listen; "" disables).
     #[arg(long, env = "AUGUR_ADMIN_LISTEN")]
     admin_listen: Option<String>,
+    /// Online store URL (overrides online_store.url; "" disables).
+    #[arg(long, env = "AUGUR_ONLINE_STORE")]
+    online_store: Option<String>,
 }
 
 pub fn main() -> ExitCode {
@@ -257,6 +276,7 @@ pub fn main() -> ExitCode {
         Command::Models(command) => models(command),
         Command::Gen(args) => gen(args),
         Command::Train(args) => train(args),
+        Command::Features(command) => runtime().and_then(|rt| rt.block_on(features(command))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -352,6 +372,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .admin_listen
         .unwrap_or_else(|| settings.topology.admin.listen.clone());
 
+    let url = args
+        .online_store
+        .unwrap_or_else(|| settings.topology.online_store.url.clone());
+    let store = if url.is_empty() {
+        None
+    } else {
+        Some(crate::online_store::OnlineStore::open(
+            &url,
+            settings.topology.online_layout(),
+        )?)
+    };
+    let reader = store
+        .as_ref()
+        .map(|s| Arc::new(tokio::sync::Mutex::new(s.reopen())));
+
     let stats = Arc::new(Stats::default());
     let ready = Arc::new(AtomicBool::new(false));
     let handle = crate::metrics::install().context("installing the metrics recorder")?;
@@ -359,12 +394,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let addr: SocketAddr = listen
             .parse()
             .with_context(|| format!("admin address \"{listen}\""))?;
-        let bound = crate::admin::serve(addr, handle, Arc::clone(&ready))
+        let bound = crate::admin::serve(addr, handle, Arc::clone(&ready), reader)
             .await
             .with_context(|| format!("binding the admin server on {addr}"))?;
-        tracing::info!(%bound, "admin server: /metrics /healthz /readyz");
+        tracing::info!(%bound, "admin server: /metrics /healthz /readyz /v1/features/{{user_id}}");
     }
-    run_worker(settings, stats, ready, shutdown_signal()).await?;
+    run_worker(settings, store, stats, ready, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -638,4 +673,31 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} failed with {status}", args.script.display());
     }
     Ok(())
+}
+
+async fn features(command: FeaturesCommand) -> anyhow::Result<()> {
+    let FeaturesCommand::Get {
+        topology: path,
+        online_store,
+        user_id,
+    } = command;
+    let topology = Topology::load(&path)?;
+    let url = online_store.unwrap_or_else(|| topology.online_store.url.clone());
+    if url.is_empty() {
+        anyhow::bail!(
+            "no online store: set online_store.url in {} or pass --online-store",
+            path.display()
+        );
+    }
+    let mut store = crate::online_store::OnlineStore::open(&url, topology.online_layout())?;
+    match store.read(&user_id).await? {
+        Some(fields) => {
+            println!(
+                "{}",
+                serde_json::json!({ "user_id": user_id, "features": fields })
+            );
+            Ok(())
+        }
+        None => anyhow::bail!("user {user_id:?} has no features in the online store"),
+    }
 }

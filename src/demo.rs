@@ -74,11 +74,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let ready = Arc::new(AtomicBool::new(false));
     let handle = crate::metrics::install()?;
-    let admin = match crate::admin::serve(args.admin_listen, handle.clone(), Arc::clone(&ready))
-        .await
+    // The online store is in-process here, behind the same interface as Redis.
+    let store =
+        crate::online_store::OnlineStore::open("memory://", settings.topology.online_layout())?;
+    let reader = Arc::new(tokio::sync::Mutex::new(store.reopen()));
+    let admin = match crate::admin::serve(
+        args.admin_listen,
+        handle.clone(),
+        Arc::clone(&ready),
+        Some(Arc::clone(&reader)),
+    )
+    .await
     {
         Ok(addr) => addr,
-        Err(_) => crate::admin::serve("127.0.0.1:0".parse()?, handle, Arc::clone(&ready)).await?,
+        Err(_) => {
+            crate::admin::serve(
+                "127.0.0.1:0".parse()?,
+                handle,
+                Arc::clone(&ready),
+                Some(reader),
+            )
+            .await?
+        }
     };
 
     let producer: FutureProducer = ClientConfig::new()
@@ -98,7 +115,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let status = tokio::spawn(status_line(Arc::clone(&stats), admin, Arc::clone(&stop)));
 
     println!(
-        "augur demo: {} events/s for {} users into an embedded broker ({brokers}); model ctr v1; metrics on http://{admin}/metrics",
+        "augur demo: {} events/s for {} users into an embedded broker ({brokers}); model ctr v1; \
+         metrics on http://{admin}/metrics; a user's online features on http://{admin}/v1/features/u-1",
         args.rate, args.users
     );
     let seconds = args.seconds;
@@ -111,7 +129,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             None => crate::cli::shutdown_signal().await,
         }
     };
-    let result = run_worker(settings, Arc::clone(&stats), ready, shutdown).await;
+    let result = run_worker(settings, Some(store), Arc::clone(&stats), ready, shutdown).await;
     stop.store(true, Relaxed);
     let _ = generator.await;
     let _ = status.await;

@@ -17,6 +17,7 @@ pub mod gen;
 pub mod metrics;
 pub mod model;
 pub mod offline;
+pub mod online_store;
 pub mod pipeline;
 pub mod sink;
 pub mod source;

@@ -20,6 +20,14 @@ pub const CHECKPOINT_SECONDS: &str = "augur_state_checkpoint_duration_seconds";
 pub const HOT_USERS: &str = "augur_state_hot_users";
 /// Partitions currently owned by this worker.
 pub const ASSIGNED_PARTITIONS: &str = "augur_source_assigned_partitions";
+/// Users waiting to be mirrored to the online store.
+pub const ONLINE_PENDING_USERS: &str = "augur_online_store_pending_users";
+/// Age of the oldest update waiting for the online store.
+pub const ONLINE_SECONDS_BEHIND: &str = "augur_online_store_behind_seconds";
+/// Failed online-store batch writes.
+pub const ONLINE_WRITE_ERRORS: &str = "augur_online_store_write_errors_total";
+/// Users written to the online store.
+pub const ONLINE_USERS_WRITTEN: &str = "augur_online_store_users_written_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -60,4 +68,15 @@ fn describe() {
     );
     describe_gauge!(HOT_USERS, "Users in a partition's hot map");
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions owned by this worker");
+    describe_gauge!(
+        ONLINE_PENDING_USERS,
+        "Users waiting to be mirrored to the online store"
+    );
+    describe_gauge!(
+        ONLINE_SECONDS_BEHIND,
+        Unit::Seconds,
+        "Age of the oldest update waiting for the online store"
+    );
+    describe_counter!(ONLINE_WRITE_ERRORS, "Failed online-store batch writes");
+    describe_counter!(ONLINE_USERS_WRITTEN, "Users written to the online store");
 }

@@ -80,6 +80,51 @@ pub struct Topology {
     pub state: StateConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub online_store: OnlineStoreConfig,
+}
+
+/// The online store mirror (absent or empty `url`: off).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnlineStoreConfig {
+    /// `redis://[:password@]host:port[/db]`, `rediss://…` (TLS) or `memory://`.
+    #[serde(default)]
+    pub url: String,
+    /// Key prefix; the key is the prefix followed by the user id. Default `augur:<app>:user:`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Feature freshness limit: every key expires this long after its last write.
+    #[serde(default = "default_online_ttl")]
+    pub ttl: String,
+    /// Users per pipelined write.
+    #[serde(default = "default_online_batch")]
+    pub batch: usize,
+    /// Most users waiting in the mirror's queue; beyond it, partitions keep and re-offer.
+    #[serde(default = "default_online_pending")]
+    pub max_pending_users: usize,
+}
+
+impl Default for OnlineStoreConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            prefix: None,
+            ttl: default_online_ttl(),
+            batch: default_online_batch(),
+            max_pending_users: default_online_pending(),
+        }
+    }
+}
+
+fn default_online_ttl() -> String {
+    "7d".into()
+}
+fn default_online_batch() -> usize {
+    500
+}
+fn default_online_pending() -> usize {
+    1_000_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -507,7 +552,47 @@ impl Topology {
                 ),
             ));
         }
+        let store = &self.online_store;
+        if !store.url.is_empty()
+            && !["redis://", "rediss://", "memory://"]
+                .iter()
+                .any(|s| store.url.starts_with(s))
+        {
+            problems.push(Problem::new(
+                "online_store.url",
+                format!(
+                    "expected redis://, rediss:// or memory://, got \"{}\"",
+                    crate::online_store::redact(&store.url)
+                ),
+            ));
+        }
+        check_duration(&mut problems, "online_store.ttl", &store.ttl);
+        if !(1..=100_000).contains(&store.batch) {
+            problems.push(Problem::new(
+                "online_store.batch",
+                "must be between 1 and 100000",
+            ));
+        }
+        if store.max_pending_users == 0 {
+            problems.push(Problem::new(
+                "online_store.max_pending_users",
+                "must be positive",
+            ));
+        }
         problems
+    }
+
+    /// The online store's key layout for these features.
+    pub fn online_layout(&self) -> crate::online_store::Layout {
+        crate::online_store::Layout {
+            prefix: self
+                .online_store
+                .prefix
+                .clone()
+                .unwrap_or_else(|| format!("augur:{}:user:", self.app)),
+            names: self.feature_set().names().to_vec(),
+            ttl: parse_duration(&self.online_store.ttl).expect("validated"),
+        }
     }
 
     /// The consumer group: `kafka.group`, else the app name.

@@ -167,6 +167,8 @@ pub struct Shared {
     pub idle_after: Duration,
     pub producer: OutputProducer,
     pub stats: Arc<Stats>,
+    /// The online-store mirror, when one is configured.
+    pub mirror: Option<Arc<crate::online_store::Mirror>>,
     commits: std::sync::mpsc::Sender<(i32, i64)>,
     fatal: mpsc::UnboundedSender<PartitionError>,
 }
@@ -193,6 +195,7 @@ pub struct Worker {
 /// `shutdown` resolves or a partition fails.
 pub async fn run_worker(
     settings: WorkerSettings,
+    online_store: Option<crate::online_store::OnlineStore>,
     stats: Arc<Stats>,
     ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -214,6 +217,23 @@ pub async fn run_worker(
     let producer = OutputProducer::create(settings.producer_config())?;
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let mirror_stop = Arc::new(AtomicBool::new(false));
+    let (mirror, mirror_task) = match online_store {
+        Some(store) => {
+            let config = &topology.online_store;
+            let mirror = Arc::new(crate::online_store::Mirror::new(
+                config.max_pending_users,
+                config.batch,
+            ));
+            let task = tokio::spawn(Arc::clone(&mirror).run(
+                store,
+                Arc::clone(&mirror_stop),
+                Duration::from_secs(5),
+            ));
+            (Some(mirror), Some(task))
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         topic: topology.source.topic.clone(),
         scored_types: topology.scored_types(),
@@ -230,6 +250,7 @@ pub async fn run_worker(
         idle_after: topology.idle_after(),
         producer: producer.clone(),
         stats,
+        mirror,
         commits: commit_tx,
         fatal: fatal_tx,
     });
@@ -258,6 +279,10 @@ pub async fn run_worker(
         .map_err(|e| WorkerError::Other(format!("consumer thread failed: {e}")))?;
     drop(shared);
     producer.flush(Duration::from_secs(10))?;
+    mirror_stop.store(true, Ordering::SeqCst);
+    if let Some(task) = mirror_task {
+        let _ = task.await;
+    }
     match failure {
         Some(error) => Err(error.into()),
         None => Ok(()),

@@ -14,6 +14,7 @@ use super::{PartitionError, Shared};
 use crate::codec::{decode_event, now_ms, Event, Reason, Rejection};
 use crate::features::Scratch;
 use crate::metrics as m;
+use crate::online_store::FeatureUpdate;
 use crate::sink::{dead_letter_headers, encode_prediction, PendingDeliveries, Prediction};
 use crate::state::store::PartitionStore;
 use crate::state::UserState;
@@ -33,6 +34,8 @@ struct HotUser {
     state: UserState,
     dirty: bool,
     touched: Instant,
+    /// The latest event's features and version, kept for the online-store mirror.
+    last: Option<FeatureUpdate>,
 }
 
 /// A scored event waiting for its model call.
@@ -60,6 +63,8 @@ pub struct PartitionTask {
     model_input: Vec<f32>,
     buffer: Vec<u8>,
     last_eviction: Instant,
+    /// Updates the mirror's full queue handed back, offered again at the next checkpoint.
+    unmirrored: Vec<FeatureUpdate>,
     events_counter: metrics::Counter,
     predictions_counter: metrics::Counter,
     e2e_histogram: metrics::Histogram,
@@ -103,6 +108,7 @@ impl PartitionTask {
             model_input: Vec::new(),
             buffer: Vec::new(),
             last_eviction: Instant::now(),
+            unmirrored: Vec::new(),
         }
     }
 
@@ -218,6 +224,7 @@ impl PartitionTask {
                     state,
                     dirty: false,
                     touched: Instant::now(),
+                    last: None,
                 },
             );
         }
@@ -239,6 +246,24 @@ impl PartitionTask {
             self.dead_letter(record, &Rejection::new(Reason::Late, detail))
                 .await;
             return Ok(());
+        }
+        if self.shared.mirror.is_some() {
+            match &mut user.last {
+                Some(last) => {
+                    last.offset = record.offset();
+                    last.ts = event.ts;
+                    last.values.copy_from_slice(&self.values);
+                }
+                None => {
+                    user.last = Some(FeatureUpdate {
+                        user_id: event.user_id.clone(),
+                        partition: self.partition,
+                        offset: record.offset(),
+                        ts: event.ts,
+                        values: self.values.clone().into_boxed_slice(),
+                    })
+                }
+            }
         }
         if !user.dirty {
             user.dirty = true;
@@ -364,10 +389,18 @@ impl PartitionTask {
             .iter()
             .filter_map(|u| users.get(u).map(|h| (u.as_str(), &h.state)));
         self.store.checkpoint(dirty, next_offset).await?;
+        let mut changed = std::mem::take(&mut self.unmirrored);
         for user in self.dirty.drain(..) {
             if let Some(hot) = self.users.get_mut(&user) {
                 hot.dirty = false;
+                if let Some(last) = &hot.last {
+                    changed.push(last.clone());
+                }
             }
+        }
+        if let Some(mirror) = &self.shared.mirror {
+            // Never waits: what the full queue hands back is offered again next time.
+            self.unmirrored = mirror.offer(changed);
         }
         self.checkpointed = Some(next_offset);
         self.shared.request_commit(self.partition, next_offset);
