@@ -136,8 +136,18 @@ struct GenArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Output file (JSON lines).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "to_topic",
+        conflicts_with = "to_topic"
+    )]
+    out: Option<PathBuf>,
+    /// Produce to this Kafka topic instead (keyed by user_id), as fast as it takes them.
+    #[arg(long, requires = "brokers")]
+    to_topic: Option<String>,
+    /// Kafka bootstrap servers for --to-topic.
+    #[arg(long, env = "AUGUR_BROKERS")]
+    brokers: Option<String>,
 }
 
 /// Where offline events come from.
@@ -603,21 +613,59 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
 
 fn gen(args: GenArgs) -> anyhow::Result<()> {
     use std::io::Write;
-    let file = std::fs::File::create(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut generator = crate::gen::Generator::new(args.seed, args.users);
+    let mut next = |i: u64| generator.next_event(args.start_ts + i as i64 * args.step_ms);
+    if let (Some(topic), Some(brokers)) = (&args.to_topic, &args.brokers) {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "20")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .context("creating the producer")?;
+        for i in 0..args.events {
+            let event = next(i);
+            let payload = crate::gen::event_json(&event);
+            let mut record = BaseRecord::to(topic).key(&event.user_id).payload(&payload);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
+                        record = back;
+                        producer.poll(std::time::Duration::from_millis(5));
+                    }
+                    Err((e, _)) => anyhow::bail!("producing to {topic}: {e}"),
+                }
+            }
+        }
+        producer
+            .flush(std::time::Duration::from_secs(60))
+            .context("flushing the producer")?;
+        println!(
+            "gen: {} events for {} users -> topic {topic}",
+            args.events, args.users
+        );
+        return Ok(());
+    }
+    let out_path = args.out.expect("clap requires --out or --to-topic");
+    let file = std::fs::File::create(&out_path)
+        .with_context(|| format!("creating {}", out_path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     for i in 0..args.events {
-        let event = generator.next_event(args.start_ts + i as i64 * args.step_ms);
-        writeln!(out, "{}", crate::gen::event_json(&event))
-            .with_context(|| format!("writing {}", args.out.display()))?;
+        writeln!(out, "{}", crate::gen::event_json(&next(i)))
+            .with_context(|| format!("writing {}", out_path.display()))?;
     }
     out.flush()?;
     println!(
         "gen: {} events for {} users -> {}",
         args.events,
         args.users,
-        args.out.display()
+        out_path.display()
     );
     Ok(())
 }

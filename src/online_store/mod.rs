@@ -73,7 +73,7 @@ pub struct Layout {
 
 /// An online store backend, chosen by URL.
 pub enum OnlineStore {
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
     Memory(MemoryStore),
 }
 
@@ -89,13 +89,13 @@ impl OnlineStore {
                 url: redact(url),
                 message: e.to_string(),
             })?;
-            Ok(OnlineStore::Redis(RedisStore {
+            Ok(OnlineStore::Redis(Box::new(RedisStore {
                 client,
                 url: redact(url),
                 layout,
                 conn: None,
                 script: None,
-            }))
+            })))
         } else {
             Err(OnlineStoreError::Scheme { url: redact(url) })
         }
@@ -104,13 +104,13 @@ impl OnlineStore {
     /// A second handle on the same store (its own connection for Redis).
     pub fn reopen(&self) -> OnlineStore {
         match self {
-            OnlineStore::Redis(r) => OnlineStore::Redis(RedisStore {
+            OnlineStore::Redis(r) => OnlineStore::Redis(Box::new(RedisStore {
                 client: r.client.clone(),
                 url: r.url.clone(),
                 layout: r.layout.clone(),
                 conn: None,
                 script: None,
-            }),
+            })),
             OnlineStore::Memory(m) => OnlineStore::Memory(MemoryStore {
                 layout: m.layout.clone(),
                 map: Arc::clone(&m.map),
