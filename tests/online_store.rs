@@ -347,3 +347,56 @@ fn a_redis_outage_never_stops_predictions_and_redis_converges() {
     wait_until_converged(&redis, &names(), Duration::from_secs(60));
     assert!(engine.terminate(Duration::from_secs(30)));
 }
+
+#[tokio::test]
+async fn a_password_in_the_url_is_used_and_never_shown() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--requirepass",
+            "s3cret-pw",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let layout = Layout {
+        prefix: "p:".into(),
+        names: vec!["x".into()],
+        ttl: Duration::from_secs(60),
+    };
+    let update = FeatureUpdate {
+        user_id: "u".into(),
+        partition: 0,
+        offset: 1,
+        ts: 1,
+        values: vec![2.5].into_boxed_slice(),
+    };
+    let mut good = OnlineStore::open(
+        &format!("redis://:s3cret-pw@127.0.0.1:{port}"),
+        layout.clone(),
+    )
+    .unwrap();
+    assert_eq!(good.write(std::slice::from_ref(&update)).await.unwrap(), 1);
+    assert_eq!(good.read("u").await.unwrap().unwrap()["x"], "2.5");
+    let mut bad =
+        OnlineStore::open(&format!("redis://:wrong-pw@127.0.0.1:{port}"), layout).unwrap();
+    let err = bad.write(&[update]).await.unwrap_err().to_string();
+    assert!(
+        !err.contains("wrong-pw") && err.contains("redis://***@127.0.0.1"),
+        "{err}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
