@@ -197,6 +197,19 @@ fn features_do_not_depend_on_later_events() {
     }
 }
 
+/// `augur skew-report` of a logged-predictions file against the golden events.
+fn skew_report_against_golden(logged: &Path) -> std::process::Output {
+    augur(&[
+        "skew-report",
+        "--topology",
+        &topology_path(),
+        "--logged",
+        logged.to_str().unwrap(),
+        "--events",
+        &golden_path(),
+    ])
+}
+
 #[test]
 fn stream_features_equal_backfill_and_batch_scores_equal_stream_scores() {
     let broker = Broker::start();
@@ -223,15 +236,7 @@ fn stream_features_equal_backfill_and_batch_scores_equal_stream_scores() {
     std::fs::write(&logged, lines.join("\n") + "\n").unwrap();
 
     // From a file, and straight from the topic: no mismatch.
-    let report = augur(&[
-        "skew-report",
-        "--topology",
-        &topology_path(),
-        "--logged",
-        logged.to_str().unwrap(),
-        "--events",
-        &golden_path(),
-    ]);
+    let report = skew_report_against_golden(&logged);
     let text = String::from_utf8_lossy(&report.stdout);
     assert!(
         report.status.success(),
@@ -292,15 +297,7 @@ fn stream_features_equal_backfill_and_batch_scores_equal_stream_scores() {
     let mut skewed = lines.clone();
     skewed[0] = first.to_string();
     std::fs::write(&tampered, skewed.join("\n")).unwrap();
-    let report = augur(&[
-        "skew-report",
-        "--topology",
-        &topology_path(),
-        "--logged",
-        tampered.to_str().unwrap(),
-        "--events",
-        &golden_path(),
-    ]);
+    let report = skew_report_against_golden(&tampered);
     let text = String::from_utf8_lossy(&report.stdout);
     assert_eq!(report.status.code(), Some(1), "{text}");
     assert!(text.contains("1 feature mismatches"), "{text}");

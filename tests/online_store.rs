@@ -24,11 +24,7 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut redis = Redis {
             child: None,
             port,
@@ -159,14 +155,6 @@ fn topology_with_store(dir: &Path, topics: &Topics, url: &str, admin_port: u16) 
             ("listen: 127.0.0.1:0", listen.as_str()),
         ],
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn names() -> Vec<String> {
