@@ -388,3 +388,74 @@ async fn a_password_in_the_url_is_used_and_never_shown() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn rediss_urls_connect_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("running openssl");
+    assert!(made.success());
+    let port = free_port();
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--save", "", "--requirepass", "tls-pw", "--dir"])
+        .arg(dir.path())
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let layout = Layout {
+        prefix: "tls:".into(),
+        names: vec!["x".into()],
+        ttl: Duration::from_secs(60),
+    };
+    // The self-signed test certificate is not in the system store: skip verification.
+    let url = format!("rediss://:tls-pw@127.0.0.1:{port}/#insecure");
+    let mut store = OnlineStore::open(&url, layout).unwrap();
+    let update = FeatureUpdate {
+        user_id: "u".into(),
+        partition: 0,
+        offset: 1,
+        ts: 1,
+        values: vec![7.0].into_boxed_slice(),
+    };
+    assert_eq!(store.write(&[update]).await.unwrap(), 1);
+    assert_eq!(store.read("u").await.unwrap().unwrap()["x"], "7");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
