@@ -132,7 +132,14 @@ fn golden_stream_features_match_pandas() {
     let broker = Broker::start();
     let topics = Topics::create(&broker, PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
-    let topology = write_topology(dir.path(), &topics, "json");
+    let admin = free_port();
+    let listen = format!("listen: 127.0.0.1:{admin}");
+    let topology = write_topology_with(
+        dir.path(),
+        &topics,
+        "json",
+        &[("listen: 127.0.0.1:0", listen.as_str())],
+    );
     produce_keyed(&broker.producer(), &topics.events, &golden_events());
 
     let state = dir.path().join("state");
@@ -143,7 +150,18 @@ fn golden_stream_features_match_pandas() {
         &unique("i"),
         &state,
     );
+    // Alive at once; ready only when the group has assigned and restored partitions
+    // (tansu takes seconds to form a group).
+    assert!(http_get(admin, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(admin, "/readyz").starts_with("HTTP/1.1 503"),
+        "ready before any partition is assigned"
+    );
     let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(180));
+    assert!(
+        http_get(admin, "/readyz").starts_with("HTTP/1.1 200"),
+        "ready once partitions are assigned"
+    );
     assert!(
         augur.terminate(Duration::from_secs(30)),
         "augur exits cleanly on SIGTERM"

@@ -230,15 +230,6 @@ fn redis_holds_every_users_final_features_with_a_ttl() {
     assert!(engine.terminate(Duration::from_secs(30)));
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 #[tokio::test]
 async fn a_stale_writer_cannot_overwrite_a_newer_version() {
     let redis = Redis::start();

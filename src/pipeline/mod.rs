@@ -262,9 +262,9 @@ pub async fn run_worker(
         store,
         commit_rx,
         Arc::clone(&stop),
+        Arc::clone(&ready),
         tokio::runtime::Handle::current(),
     )?;
-    ready.store(true, Ordering::SeqCst);
     tracing::info!(topic = %shared.topic, group = %settings.group, instance = %settings.instance_id, "worker started");
 
     let failure = tokio::select! {

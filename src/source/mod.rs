@@ -38,6 +38,7 @@ impl Source {
         store: StateStore,
         commits: std::sync::mpsc::Receiver<(i32, i64)>,
         stop: Arc<AtomicBool>,
+        ready: Arc<AtomicBool>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Source, KafkaError> {
         let context = SourceContext {
@@ -45,6 +46,7 @@ impl Source {
             store,
             runtime,
             tasks: Mutex::default(),
+            ready,
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         consumer.subscribe(&[&shared.topic])?;
@@ -67,6 +69,9 @@ struct SourceContext {
     store: StateStore,
     runtime: tokio::runtime::Handle,
     tasks: Mutex<HashMap<i32, mpsc::Sender<PartitionInput>>>,
+    /// True once this worker holds an assignment whose partitions are all restored
+    /// (their state opened and start offsets read); false during a rebalance.
+    ready: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceContext {}
@@ -129,13 +134,15 @@ impl SourceContext {
         }
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tasks.len() as f64);
         drop(tasks);
-        if let Err(e) = consumer.assign(tpl) {
-            tracing::error!(error = %e, "assign failed");
+        match consumer.assign(tpl) {
+            Ok(()) => self.ready.store(true, Ordering::SeqCst),
+            Err(e) => tracing::error!(error = %e, "assign failed"),
         }
     }
 
     /// Stops every partition task after its final checkpoint, commits, and unassigns.
     fn revoke_all(&self, consumer: &BaseConsumer<Self>) {
+        self.ready.store(false, Ordering::SeqCst);
         let tasks: Vec<(i32, mpsc::Sender<PartitionInput>)> =
             self.tasks.lock().expect("tasks lock").drain().collect();
         let mut replies = Vec::new();

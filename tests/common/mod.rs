@@ -424,3 +424,21 @@ pub fn python() -> PathBuf {
     );
     venv
 }
+
+/// A plain HTTP/1.1 GET on loopback; the whole response, head and body. Waits up to
+/// 10 s for the server to listen (a process just started).
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() > deadline => panic!("nothing listens on port {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
