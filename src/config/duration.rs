@@ -37,10 +37,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ))
         }
     };
+    // Windows and lateness are i64 milliseconds in event-time arithmetic; a century
+    // bounds them far from overflow.
+    const MAX_MS: u64 = 36_500 * 86_400_000;
     value
         .checked_mul(unit_ms)
+        .filter(|ms| *ms <= MAX_MS)
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("duration \"{text}\" is out of range"))
+        .ok_or_else(|| format!("duration \"{text}\" is out of range (at most 36500d)"))
 }
 
 /// Parses a byte size such as `1048576`, `512KiB`, `1MiB` or `2MB`.
@@ -91,6 +95,10 @@ mod tests {
             .unwrap_err()
             .contains("unknown duration unit"));
         assert!(parse_duration("h").is_err());
+        assert!(parse_duration("36501d")
+            .unwrap_err()
+            .contains("out of range"));
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 
     #[test]
