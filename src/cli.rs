@@ -525,12 +525,7 @@ fn skew_report(args: SkewArgs) -> ExitCode {
 fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let topology = Topology::load(&args.topology)?;
     let features = topology.feature_set();
-    let dir = args
-        .topology
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let registry = crate::model::Registry::open(dir.join(&topology.model.registry));
+    let registry = registry_of(&args.topology, &topology);
     let (_, model_dir) = registry.resolve(&topology.model.name, &topology.model.version)?;
     let model = crate::model::Model::load(&model_dir, features.names())?;
     let events = args.input.events(&topology);

@@ -145,6 +145,32 @@ impl<'f> Replay<'f> {
     pub fn users(&self) -> usize {
         self.users.len()
     }
+
+    /// Replays every record of `input`, then settles the open labels. Bad and late
+    /// records are refused into `rejections`; every finished row goes to `on_row`.
+    /// Returns the number of input records.
+    pub fn run(
+        &mut self,
+        input: &EventInput,
+        rejections: &mut Rejections,
+        mut progress: Option<&mut Progress>,
+        mut on_row: impl FnMut(Row),
+    ) -> Result<u64, InputError> {
+        let source = input.describe();
+        let size = input.size_hint();
+        let mut events = 0u64;
+        input.for_each(crate::codec::now_ms(), |decoded, location| {
+            events += 1;
+            if let Err(rejection) = decoded.and_then(|event| self.apply(event, &mut on_row)) {
+                rejections.record(&source, &location, &rejection);
+            }
+            if let Some(progress) = progress.as_deref_mut() {
+                progress.tick(events, self.users(), location.fraction(size));
+            }
+        })?;
+        self.finish(on_row);
+        Ok(events)
+    }
 }
 
 /// Input records refused, by reason, with the first few kept for the report.
@@ -279,33 +305,14 @@ pub fn backfill(
     let mut writer = output::create(out, features.names())?;
     let mut replay = Replay::new(features, scored, all_events);
     let mut progress = Progress::new("backfill");
-    let (mut events, mut rows) = (0u64, 0u64);
+    let mut rows = 0u64;
     let mut write_error = None;
-    let source = input.describe();
-    let size = input.size_hint();
-    let now = crate::codec::now_ms();
-    input.for_each(now, |decoded, location| {
-        events += 1;
-        let fraction = location.fraction(size);
-        let applied = decoded.and_then(|event| {
-            replay.apply(event, |row| {
-                rows += 1;
-                if let Err(e) = writer.write(&row) {
-                    write_error.get_or_insert(e);
-                }
-            })
-        });
-        if let Err(rejection) = applied {
-            rejections.record(&source, &location, &rejection);
-        }
-        progress.tick(events, replay.users(), fraction);
-    })?;
-    replay.finish(|row| {
+    let events = replay.run(input, &mut rejections, Some(&mut progress), |row| {
         rows += 1;
         if let Err(e) = writer.write(&row) {
             write_error.get_or_insert(e);
         }
-    });
+    })?;
     if let Some(e) = write_error {
         return Err(e.into());
     }

@@ -55,34 +55,22 @@ pub fn score(
             pending.clear();
             Ok(n)
         };
-    let (mut events, mut predictions) = (0u64, 0u64);
+    let mut predictions = 0u64;
     let mut failure: Option<OfflineError> = None;
     let mut progress = Progress::new("score");
-    let source = input.describe();
-    let size = input.size_hint();
-    input.for_each(crate::codec::now_ms(), |decoded, location| {
-        events += 1;
-        let fraction = location.fraction(size);
-        let applied = decoded.and_then(|event| replay.apply(event, |row| pending.push(row)));
-        if let Err(rejection) = applied {
-            rejections.record(&source, &location, &rejection);
-        }
+    let events = replay.run(input, &mut rejections, Some(&mut progress), |row| {
+        pending.push(row);
         if pending.len() >= BATCH && failure.is_none() {
             match flush(&mut pending, &mut sink) {
                 Ok(n) => predictions += n,
                 Err(e) => failure = Some(e),
             }
         }
-        progress.tick(events, replay.users(), fraction);
     })?;
     if let Some(e) = failure {
         return Err(e);
     }
-    replay.finish(|row| pending.push(row));
-    while !pending.is_empty() {
-        let mut chunk: Vec<Row> = pending.drain(..pending.len().min(BATCH)).collect();
-        predictions += flush(&mut chunk, &mut sink)?;
-    }
+    predictions += flush(&mut pending, &mut sink)?;
     sink.finish()?;
     Ok(ScoreSummary {
         events,

@@ -150,7 +150,6 @@ pub fn skew_report(
         ..Default::default()
     };
     let mut replay = Replay::new(features, scored, true);
-    let source = events.describe();
     let mut compare = |row: super::Row, report: &mut SkewReport| {
         let Some(copies) = logged.remove(&row.event_id) else {
             return;
@@ -177,16 +176,10 @@ pub fn skew_report(
             }
         }
     };
-    let now = crate::codec::now_ms();
     let mut rejections = Rejections::default();
-    events.for_each(now, |decoded, location| {
-        let applied =
-            decoded.and_then(|event| replay.apply(event, |row| compare(row, &mut report)));
-        if let Err(rejection) = applied {
-            rejections.record(&source, &location, &rejection);
-        }
+    replay.run(events, &mut rejections, None, |row| {
+        compare(row, &mut report)
     })?;
-    replay.finish(|row| compare(row, &mut report));
     report.rejections = rejections;
     let mut unmatched: Vec<String> = logged.into_keys().collect();
     unmatched.sort();

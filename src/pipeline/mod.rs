@@ -185,12 +185,6 @@ impl Shared {
     }
 }
 
-/// A running worker's handles, for embedding (demo, tests).
-pub struct Worker {
-    pub stats: Arc<Stats>,
-    pub ready: Arc<AtomicBool>,
-}
-
 /// Loads the model, opens the state, joins the consumer group and processes until
 /// `shutdown` resolves or a partition fails.
 pub async fn run_worker(
