@@ -14,39 +14,46 @@ use std::time::{Duration, Instant};
 use augur::online_store::{FeatureUpdate, Layout, OnlineStore};
 use common::*;
 
-/// A private redis-server with an append-only file fsynced on every write, so that a
-/// SIGKILL and restart keeps what was acknowledged.
+/// A private redis-server on a free port. `start` keeps an append-only file fsynced on
+/// every write, so that a SIGKILL and restart keeps what was acknowledged.
 struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Listen with TLS on `port` (and no plain port).
+    tls: bool,
+    extra: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
-        let port = free_port();
+        Redis::start_with(false, &["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    fn start_with(tls: bool, extra: &[&str]) -> Redis {
         let mut redis = Redis {
             child: None,
-            port,
+            port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            tls,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         redis.spawn();
         redis
     }
 
     fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let listen = if self.tls {
+            vec!["--port", "0", "--tls-port", &port]
+        } else {
+            vec!["--port", &port]
+        };
         let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-            ])
-            .args(["--appendfsync", "always", "--dir"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(listen)
+            .args(&self.extra)
+            .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -328,27 +335,8 @@ fn a_redis_outage_never_stops_predictions_and_redis_converges() {
 
 #[tokio::test]
 async fn a_password_in_the_url_is_used_and_never_shown() {
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new("redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--requirepass",
-            "s3cret-pw",
-            "--dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let redis = Redis::start_with(false, &["--requirepass", "s3cret-pw"]);
+    let port = redis.port;
     let layout = Layout {
         prefix: "p:".into(),
         names: vec!["x".into()],
@@ -375,8 +363,6 @@ async fn a_password_in_the_url_is_used_and_never_shown() {
         !err.contains("wrong-pw") && err.contains("redis://***@127.0.0.1"),
         "{err}"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test]
@@ -403,32 +389,27 @@ async fn rediss_urls_connect_over_tls() {
         .status()
         .expect("running openssl");
     assert!(made.success());
-    let port = free_port();
-    let mut child = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--tls-port",
-            &port.to_string(),
+    let (cert, key, ca) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        cert.display().to_string(),
+    );
+    let redis = Redis::start_with(
+        true,
+        &[
             "--tls-auth-clients",
             "no",
-        ])
-        .args(["--save", "", "--requirepass", "tls-pw", "--dir"])
-        .arg(dir.path())
-        .arg("--tls-cert-file")
-        .arg(&cert)
-        .arg("--tls-key-file")
-        .arg(&key)
-        .arg("--tls-ca-cert-file")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            "--requirepass",
+            "tls-pw",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+        ],
+    );
+    let port = redis.port;
     let layout = Layout {
         prefix: "tls:".into(),
         names: vec!["x".into()],
@@ -446,6 +427,4 @@ async fn rediss_urls_connect_over_tls() {
     };
     assert_eq!(store.write(&[update]).await.unwrap(), 1);
     assert_eq!(store.read("u").await.unwrap().unwrap()["x"], "7");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
