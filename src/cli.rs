@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::Topology;
+use crate::model::ModelRegistry;
 use crate::pipeline::{run_worker, WorkerSettings};
 use crate::stats::Stats;
 
@@ -110,13 +111,45 @@ enum ModelsCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Make a version the champion (the old champion becomes `previous`).
+    /// Point an alias at a version (default `champion`; the old champion becomes
+    /// `previous`). Running workers switch within 2 s.
     Promote {
         #[arg(long, env = "AUGUR_TOPOLOGY")]
         topology: PathBuf,
         name: String,
         version: u32,
+        /// The alias to move.
+        #[arg(long, default_value = "champion")]
+        alias: String,
+        #[command(flatten)]
+        notify: NotifyArgs,
     },
+    /// Swap `champion` and `previous`: running workers switch back within 2 s.
+    Rollback {
+        #[arg(long, env = "AUGUR_TOPOLOGY")]
+        topology: PathBuf,
+        name: String,
+        #[command(flatten)]
+        notify: NotifyArgs,
+    },
+    /// Mark a version archived (refused while an alias points at it).
+    Archive {
+        #[arg(long, env = "AUGUR_TOPOLOGY")]
+        topology: PathBuf,
+        name: String,
+        version: u32,
+    },
+}
+
+/// Where alias changes are announced (the `<app>-control` topic).
+#[derive(clap::Args, Debug)]
+struct NotifyArgs {
+    /// Kafka bootstrap servers (default: the topology's).
+    #[arg(long, env = "AUGUR_BROKERS")]
+    brokers: Option<String>,
+    /// Only change the registry; workers then notice by polling it.
+    #[arg(long)]
+    no_notify: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -266,6 +299,10 @@ struct RunArgs {
     /// Online store URL (overrides online_store.url; "" disables).
     #[arg(long, env = "AUGUR_ONLINE_STORE")]
     online_store: Option<String>,
+    /// Bearer token for the admin API's model endpoints (promote, rollback); without
+    /// it they are disabled.
+    #[arg(long, env = "AUGUR_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 pub fn main() -> ExitCode {
@@ -399,17 +436,38 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let stats = Arc::new(Stats::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let model_channel = crate::pipeline::ModelChannel::new();
     let handle = crate::metrics::install().context("installing the metrics recorder")?;
     if !listen.is_empty() {
         let addr: SocketAddr = listen
             .parse()
             .with_context(|| format!("admin address \"{listen}\""))?;
-        let bound = crate::admin::serve(addr, handle, Arc::clone(&ready), reader)
+        let mut control = rdkafka::ClientConfig::new();
+        control.set("bootstrap.servers", &settings.brokers);
+        for (key, value) in &settings.topology.kafka.producer {
+            control.set(key, value.to_string());
+        }
+        let models = Arc::new(crate::admin::ModelAdmin {
+            registry: Arc::new(registry_of(&args.topology, &settings.topology)),
+            name: settings.topology.model.name.clone(),
+            token: args.admin_token.filter(|t| !t.is_empty()),
+            commands: model_channel.sender.clone(),
+            control: (control, settings.topology.control_topic()),
+        });
+        let bound = crate::admin::serve(addr, handle, Arc::clone(&ready), reader, Some(models))
             .await
             .with_context(|| format!("binding the admin server on {addr}"))?;
         tracing::info!(%bound, "admin server: /metrics /healthz /readyz /v1/features/{{user_id}}");
     }
-    run_worker(settings, store, stats, ready, shutdown_signal()).await?;
+    run_worker(
+        settings,
+        store,
+        model_channel,
+        stats,
+        ready,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -551,16 +609,17 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn registry_of(topology_path: &Path, topology: &Topology) -> crate::model::Registry {
+fn registry_of(topology_path: &Path, topology: &Topology) -> crate::model::DirRegistry {
     let dir = topology_path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    crate::model::Registry::open(dir.join(&topology.model.registry))
+    crate::model::DirRegistry::open(dir.join(&topology.model.registry))
 }
 
 fn models(command: ModelsCommand) -> anyhow::Result<()> {
-    match command {
+    use crate::serving::AliasOp;
+    let (path, name, op, notify) = match command {
         ModelsCommand::List {
             topology: path,
             name,
@@ -568,15 +627,15 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
             let topology = Topology::load(&path)?;
             let registry = registry_of(&path, &topology);
             let name = name.unwrap_or_else(|| topology.model.name.clone());
-            let aliases = registry.aliases(&name)?;
-            for version in registry.versions(&name)? {
-                let names: Vec<&str> = aliases
-                    .iter()
-                    .filter(|(_, v)| **v == version)
-                    .map(|(a, _)| a.as_str())
-                    .collect();
-                println!("{name} v{version} {}", names.join(","));
+            println!("{:<10} {:<8} {:<11} aliases", "model", "version", "stage");
+            for (version, stage, aliases) in registry.stages(&name)? {
+                println!(
+                    "{name:<10} {:<8} {stage:<11} {}",
+                    format!("v{version}"),
+                    aliases.join(",")
+                );
             }
+            return Ok(());
         }
         ModelsCommand::Register {
             topology: path,
@@ -592,16 +651,67 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
                 dir.display(),
                 registry.root().display()
             );
+            return Ok(());
         }
-        ModelsCommand::Promote {
+        ModelsCommand::Archive {
             topology: path,
             name,
             version,
         } => {
             let topology = Topology::load(&path)?;
-            registry_of(&path, &topology).set_alias(&name, "champion", version)?;
-            println!("{name}: champion is now v{version}");
+            registry_of(&path, &topology).archive(&name, version)?;
+            println!("{name}: v{version} archived");
+            return Ok(());
         }
+        ModelsCommand::Promote {
+            topology,
+            name,
+            version,
+            alias,
+            notify,
+        } => (topology, name, AliasOp::Promote { alias, version }, notify),
+        ModelsCommand::Rollback {
+            topology,
+            name,
+            notify,
+        } => (topology, name, AliasOp::Rollback, notify),
+    };
+    let topology = Topology::load(&path)?;
+    let registry = registry_of(&path, &topology);
+    let (summary, aliases) = crate::serving::change_aliases(&registry, &name, &op)?;
+    println!("{summary}");
+    if notify.no_notify {
+        return Ok(());
+    }
+    let mut config = rdkafka::ClientConfig::new();
+    config.set(
+        "bootstrap.servers",
+        notify.brokers.as_deref().unwrap_or(&topology.kafka.brokers),
+    );
+    for (key, value) in &topology.kafka.producer {
+        config.set(key, value.to_string());
+    }
+    let change = crate::serving::control::AliasChange {
+        model: name,
+        aliases,
+        by: format!(
+            "augur models {}",
+            if matches!(op, AliasOp::Rollback) {
+                "rollback"
+            } else {
+                "promote"
+            }
+        ),
+        at_ms: crate::codec::now_ms(),
+    };
+    let topic = topology.control_topic();
+    match runtime()?.block_on(crate::serving::control::publish(config, &topic, &change)) {
+        Ok(()) => println!("announced on {topic}"),
+        Err(e) => eprintln!(
+            "augur: warning: could not announce the change on {topic} ({e}); running workers \
+             will still see it when they next poll the registry ({})",
+            topology.model.poll_interval
+        ),
     }
     Ok(())
 }

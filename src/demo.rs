@@ -83,6 +83,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         handle.clone(),
         Arc::clone(&ready),
         Some(Arc::clone(&reader)),
+        None,
     )
     .await
     {
@@ -93,6 +94,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 handle,
                 Arc::clone(&ready),
                 Some(reader),
+                None,
             )
             .await?
         }
@@ -129,7 +131,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             None => crate::cli::shutdown_signal().await,
         }
     };
-    let result = run_worker(settings, Some(store), Arc::clone(&stats), ready, shutdown).await;
+    let result = run_worker(
+        settings,
+        Some(store),
+        crate::pipeline::ModelChannel::new(),
+        Arc::clone(&stats),
+        ready,
+        shutdown,
+    )
+    .await;
     stop.store(true, Relaxed);
     let _ = generator.await;
     let _ = status.await;

@@ -8,6 +8,7 @@
 //! serves metrics and health, [`demo`] runs it all in one process.
 
 pub mod admin;
+pub mod alerts;
 pub mod cli;
 pub mod codec;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod model;
 pub mod offline;
 pub mod online_store;
 pub mod pipeline;
+pub mod serving;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -28,6 +28,36 @@ pub const ONLINE_SECONDS_BEHIND: &str = "augur_online_store_behind_seconds";
 pub const ONLINE_WRITE_ERRORS: &str = "augur_online_store_write_errors_total";
 /// Users written to the online store.
 pub const ONLINE_USERS_WRITTEN: &str = "augur_online_store_users_written_total";
+/// Registry reads that failed (the current models keep serving).
+pub const MODEL_REGISTRY_ERRORS: &str = "augur_model_registry_errors_total";
+/// The champion version serving, by model.
+pub const MODEL_CHAMPION_VERSION: &str = "augur_model_champion_version";
+/// Model sets published (startup, promotion, rollback, shadow changes).
+pub const MODEL_SWAPS: &str = "augur_model_swaps_total";
+/// Versions that failed to load and were not put into service.
+pub const MODEL_LOAD_FAILURES: &str = "augur_model_load_failures_total";
+/// Shadow predictions produced, by shadow model and version.
+pub const SHADOW_PREDICTIONS: &str = "augur_shadow_predictions_total";
+/// Shadow decisions (at the shadow's threshold) that differ from the served one.
+pub const SHADOW_DISAGREEMENTS: &str = "augur_shadow_disagreements_total";
+/// |shadow score - served score|; its _sum / _count is the mean absolute difference.
+pub const SHADOW_ABS_DELTA: &str = "augur_shadow_abs_score_delta";
+/// Time for a shadow to score one batch.
+pub const SHADOW_SCORE_SECONDS: &str = "augur_shadow_score_duration_seconds";
+/// Rows not shadow-scored because the shadow thread was behind.
+pub const SHADOW_DROPPED: &str = "augur_shadow_dropped_rows_total";
+/// Shadow scoring or delivery failures.
+pub const SHADOW_FAILURES: &str = "augur_shadow_failures_total";
+/// Alerts raised, by alert.
+pub const ALERTS: &str = "augur_alerts_total";
+/// Bandit posterior mean per arm and partition.
+pub const BANDIT_POSTERIOR_MEAN: &str = "augur_bandit_posterior_mean";
+/// Bandit rewards settled, by arm and reward (1 click, 0 expiry), per partition.
+pub const BANDIT_REWARDS: &str = "augur_bandit_rewards_total";
+/// Impressions waiting for their reward, per partition.
+pub const BANDIT_PENDING: &str = "augur_bandit_pending_rewards";
+/// Impressions scored but not tracked for a reward (the pending set was full).
+pub const BANDIT_UNTRACKED: &str = "augur_bandit_untracked_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -35,6 +65,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
+const DELTA_BUCKETS: &[f64] = &[0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
 
 /// Installs the Prometheus recorder; the handle renders `/metrics`. Every histogram
 /// gets explicit buckets (the exporter would otherwise emit summaries).
@@ -42,6 +73,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(SHADOW_ABS_DELTA.into()), DELTA_BUCKETS)?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -79,4 +111,29 @@ fn describe() {
     );
     describe_counter!(ONLINE_WRITE_ERRORS, "Failed online-store batch writes");
     describe_counter!(ONLINE_USERS_WRITTEN, "Users written to the online store");
+    describe_counter!(MODEL_REGISTRY_ERRORS, "Failed registry reads");
+    describe_gauge!(MODEL_CHAMPION_VERSION, "Champion version serving");
+    describe_counter!(MODEL_SWAPS, "Model sets published");
+    describe_counter!(MODEL_LOAD_FAILURES, "Model versions that failed to load");
+    describe_counter!(SHADOW_PREDICTIONS, "Shadow predictions produced");
+    describe_counter!(
+        SHADOW_DISAGREEMENTS,
+        "Shadow decisions that differ from the served decision"
+    );
+    describe_histogram!(
+        SHADOW_ABS_DELTA,
+        "Absolute shadow - served score difference"
+    );
+    describe_histogram!(
+        SHADOW_SCORE_SECONDS,
+        Unit::Seconds,
+        "Shadow scoring time per batch"
+    );
+    describe_counter!(SHADOW_DROPPED, "Rows the shadow thread had no room for");
+    describe_counter!(SHADOW_FAILURES, "Shadow scoring or delivery failures");
+    describe_counter!(ALERTS, "Alerts raised");
+    describe_gauge!(BANDIT_POSTERIOR_MEAN, "Bandit posterior mean per arm");
+    describe_counter!(BANDIT_REWARDS, "Bandit rewards settled");
+    describe_gauge!(BANDIT_PENDING, "Impressions waiting for a reward");
+    describe_counter!(BANDIT_UNTRACKED, "Impressions not tracked for a reward");
 }

@@ -131,6 +131,37 @@ fn invalid_topologies_are_refused_with_the_path_of_each_problem() {
                 "features[1].resolution: must be greater than zero",
             ],
         ),
+        (
+            with(
+                "state:\n",
+                "experiment:\n  name: e\n  mode: split\n  arms:\n    - { name: a, model: champion, fraction: 0.6 }\n    - { name: a, model: \"2\", fraction: 0.6 }\nstate:\n",
+            ),
+            vec![
+                "experiment.arms[1].name: arm names must be non-empty and unique (\"a\")",
+                "experiment.arms: the fractions add up to 1.2, not 1",
+            ],
+        ),
+        (
+            with(
+                "state:\n",
+                "experiment:\n  name: e\n  mode: bandit\n  arms:\n    - { name: a, model: champion, fraction: 0.5 }\n    - { name: b, model: \"\" }\nstate:\n",
+            ),
+            vec![
+                "experiment.arms[0].fraction: a bandit chooses arms itself; remove the fraction",
+                "experiment.arms[1].model: must not be empty",
+            ],
+        ),
+        (
+            with(
+                "state:\n",
+                "experiment:\n  name: e\n  mode: epsilon\n  arms: []\nstate:\n",
+            ),
+            vec!["experiment.mode: unknown mode \"epsilon\" (expected split or bandit)"],
+        ),
+        (
+            with("version: champion", "version: champion\n  poll_interval: soon"),
+            vec!["model.poll_interval:"],
+        ),
     ];
     assert!(cases.len() >= 8);
     for (text, expected) in cases {

@@ -82,6 +82,45 @@ pub struct Topology {
     pub admin: AdminConfig,
     #[serde(default)]
     pub online_store: OnlineStoreConfig,
+    /// An experiment between models: a fixed split or a Thompson-sampling bandit.
+    #[serde(default)]
+    pub experiment: Option<ExperimentConfig>,
+}
+
+/// How impressions are shared between model variants. Each prediction carries its arm's
+/// name as `variant`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Names the experiment; salts the split's user hash, so two experiments split
+    /// users independently.
+    pub name: String,
+    /// `split` (sticky per user, by hash) or `bandit` (Thompson sampling).
+    pub mode: String,
+    pub arms: Vec<ArmConfig>,
+    /// `bandit`: seed of the sampling (decisions are a function of the seed, the
+    /// partition, the offset and the posteriors, so a replay decides the same).
+    #[serde(default)]
+    pub seed: u64,
+    /// `bandit`: most impressions per partition waiting for their reward; beyond it new
+    /// impressions are scored but not tracked (counted in a metric).
+    #[serde(default = "default_max_pending_rewards")]
+    pub max_pending_rewards: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmConfig {
+    pub name: String,
+    /// A version number or alias of `model.name`.
+    pub model: String,
+    /// `split`: the share of users; the fractions must add up to 1.
+    #[serde(default)]
+    pub fraction: Option<f64>,
+}
+
+fn default_max_pending_rewards() -> usize {
+    1_000_000
 }
 
 /// The online store mirror (absent or empty `url`: off).
@@ -276,6 +315,14 @@ pub struct ModelConfig {
     /// A version number or an alias (`champion`); default `champion`.
     #[serde(default = "default_model_version")]
     pub version: String,
+    /// Versions or aliases scored beside the champion on the same features; their
+    /// outputs go to the shadow-predictions topic only.
+    #[serde(default)]
+    pub shadows: Vec<String>,
+    /// How often workers re-read the registry's aliases (changes also arrive at once on
+    /// the `<app>-control` topic).
+    #[serde(default = "default_model_poll")]
+    pub poll_interval: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +330,12 @@ pub struct ModelConfig {
 pub struct SinksConfig {
     pub predictions: TopicSink,
     pub dead_letter: TopicSink,
+    /// Shadow models' predictions; default topic `<app>-shadow-predictions`.
+    #[serde(default)]
+    pub shadow_predictions: Option<TopicSink>,
+    /// Alert records (a model that fails to load, ...); default topic `<app>-alerts`.
+    #[serde(default)]
+    pub alerts: Option<TopicSink>,
     /// Include the feature vector in every prediction.
     #[serde(default)]
     pub log_features: bool,
@@ -357,6 +410,9 @@ fn default_max_batch() -> usize {
 }
 fn default_model_version() -> String {
     "champion".into()
+}
+fn default_model_poll() -> String {
+    "500ms".into()
 }
 fn default_state_dir() -> String {
     "/var/lib/augur".into()
@@ -498,6 +554,33 @@ impl Topology {
             ));
         }
 
+        for (i, shadow) in self.model.shadows.iter().enumerate() {
+            if shadow.trim().is_empty() {
+                problems.push(Problem::new(
+                    format!("model.shadows[{i}]"),
+                    "must not be empty",
+                ));
+            }
+        }
+        check_duration(
+            &mut problems,
+            "model.poll_interval",
+            &self.model.poll_interval,
+        );
+        if let Some(experiment) = &self.experiment {
+            experiment.validate(&mut problems);
+        }
+        if let Some(sink) = &self.sinks.shadow_predictions {
+            check_topic(&mut problems, "sinks.shadow_predictions.topic", &sink.topic);
+            check_codec(&mut problems, "sinks.shadow_predictions.codec", &sink.codec);
+        }
+        if let Some(sink) = &self.sinks.alerts {
+            check_topic(&mut problems, "sinks.alerts.topic", &sink.topic);
+            if sink.codec != "json" {
+                problems.push(Problem::new("sinks.alerts.codec", "alerts are JSON"));
+            }
+        }
+
         check_topic(
             &mut problems,
             "sinks.predictions.topic",
@@ -595,6 +678,37 @@ impl Topology {
         }
     }
 
+    /// Where shadow models' predictions go.
+    pub fn shadow_topic(&self) -> (String, Codec) {
+        match &self.sinks.shadow_predictions {
+            Some(sink) => (
+                sink.topic.clone(),
+                Codec::parse(&sink.codec).expect("validated"),
+            ),
+            None => (
+                format!("{}-shadow-predictions", self.app),
+                self.predictions_codec(),
+            ),
+        }
+    }
+
+    /// Where alert records go.
+    pub fn alerts_topic(&self) -> String {
+        match &self.sinks.alerts {
+            Some(sink) => sink.topic.clone(),
+            None => format!("{}-alerts", self.app),
+        }
+    }
+
+    /// The control topic every worker reads (model alias changes).
+    pub fn control_topic(&self) -> String {
+        format!("{}-control", self.app)
+    }
+
+    pub fn model_poll_interval(&self) -> Duration {
+        parse_duration(&self.model.poll_interval).expect("validated")
+    }
+
     /// The consumer group: `kafka.group`, else the app name.
     pub fn group(&self) -> String {
         self.kafka.group.clone().unwrap_or_else(|| self.app.clone())
@@ -654,6 +768,73 @@ impl Topology {
             text.push_str(&format!("{f:?};"));
         }
         crate::util::fnv1a64(text.as_bytes())
+    }
+}
+
+impl ExperimentConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        if self.name.trim().is_empty() {
+            problems.push(Problem::new("experiment.name", "must not be empty"));
+        }
+        let split = match self.mode.as_str() {
+            "split" => true,
+            "bandit" => false,
+            other => {
+                problems.push(Problem::new(
+                    "experiment.mode",
+                    format!("unknown mode \"{other}\" (expected split or bandit)"),
+                ));
+                return;
+            }
+        };
+        if !(2..=16).contains(&self.arms.len()) {
+            problems.push(Problem::new(
+                "experiment.arms",
+                format!("needs 2 to 16 arms, has {}", self.arms.len()),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut total = 0.0;
+        for (i, arm) in self.arms.iter().enumerate() {
+            let path = format!("experiment.arms[{i}]");
+            if arm.name.trim().is_empty() || !seen.insert(arm.name.as_str()) {
+                problems.push(Problem::new(
+                    format!("{path}.name"),
+                    format!("arm names must be non-empty and unique (\"{}\")", arm.name),
+                ));
+            }
+            if arm.model.trim().is_empty() {
+                problems.push(Problem::new(format!("{path}.model"), "must not be empty"));
+            }
+            match (split, arm.fraction) {
+                (true, Some(f)) if (0.0..=1.0).contains(&f) => total += f,
+                (true, Some(f)) => problems.push(Problem::new(
+                    format!("{path}.fraction"),
+                    format!("{f} is not between 0 and 1"),
+                )),
+                (true, None) => problems.push(Problem::new(
+                    format!("{path}.fraction"),
+                    "a split needs a fraction for every arm",
+                )),
+                (false, Some(_)) => problems.push(Problem::new(
+                    format!("{path}.fraction"),
+                    "a bandit chooses arms itself; remove the fraction",
+                )),
+                (false, None) => {}
+            }
+        }
+        if split && !self.arms.is_empty() && (total - 1.0).abs() > 1e-9 {
+            problems.push(Problem::new(
+                "experiment.arms",
+                format!("the fractions add up to {total}, not 1"),
+            ));
+        }
+        if self.max_pending_rewards == 0 {
+            problems.push(Problem::new(
+                "experiment.max_pending_rewards",
+                "must be positive",
+            ));
+        }
     }
 }
 

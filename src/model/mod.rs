@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tract_hir::infer::Factoid;
 use tract_onnx::prelude::*;
 
-pub use registry::Registry;
+pub use registry::{DirRegistry, ModelRegistry, Stage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -14,10 +14,14 @@ use tokio::sync::mpsc;
 
 pub use partition::{PartitionInput, PartitionTask};
 
+use crate::alerts::Alerts;
 use crate::codec::{Codec, TypeMask};
 use crate::config::Topology;
 use crate::features::FeatureSet;
-use crate::model::{Model, ModelError, Registry};
+use crate::model::{DirRegistry, ModelError, ModelRegistry};
+use crate::serving::experiment::Split;
+use crate::serving::shadow::ShadowQueue;
+use crate::serving::{ModelCommand, ModelManager, ModelSet};
 use crate::sink::{DeliveryError, OutputProducer};
 use crate::state::store::{StateStore, StoreError};
 use crate::stats::Stats;
@@ -155,7 +159,11 @@ pub struct Shared {
     pub topic: String,
     pub features: FeatureSet,
     pub scored_types: TypeMask,
-    pub model: Model,
+    /// The models serving now; each batch takes one snapshot.
+    pub models: tokio::sync::watch::Receiver<Arc<ModelSet>>,
+    pub experiment: Option<Experiment>,
+    /// Where scored batches go for the shadow models, when the topology names any.
+    pub shadow: Option<ShadowQueue>,
     pub codec: Codec,
     pub predictions_topic: String,
     pub predictions_codec: Codec,
@@ -173,6 +181,58 @@ pub struct Shared {
     fatal: mpsc::UnboundedSender<PartitionError>,
 }
 
+/// The topology's experiment, ready to assign arms.
+pub struct Experiment {
+    pub name: String,
+    pub arms: Vec<String>,
+    pub mode: ExperimentMode,
+}
+
+pub enum ExperimentMode {
+    Split(Split),
+    Bandit { seed: u64, max_pending: usize },
+}
+
+impl Experiment {
+    fn from_topology(topology: &Topology) -> Option<Experiment> {
+        let e = topology.experiment.as_ref()?;
+        let mode = if e.mode == "bandit" {
+            ExperimentMode::Bandit {
+                seed: e.seed,
+                max_pending: e.max_pending_rewards,
+            }
+        } else {
+            let fractions: Vec<f64> = e.arms.iter().map(|a| a.fraction.unwrap_or(0.0)).collect();
+            ExperimentMode::Split(Split::new(&fractions))
+        };
+        Some(Experiment {
+            name: e.name.clone(),
+            arms: e.arms.iter().map(|a| a.name.clone()).collect(),
+            mode,
+        })
+    }
+}
+
+/// A worker's model-command channel: the admin API and the control-topic reader send,
+/// the worker's model manager receives.
+pub struct ModelChannel {
+    pub sender: mpsc::Sender<ModelCommand>,
+    pub receiver: mpsc::Receiver<ModelCommand>,
+}
+
+impl ModelChannel {
+    pub fn new() -> ModelChannel {
+        let (sender, receiver) = mpsc::channel(16);
+        ModelChannel { sender, receiver }
+    }
+}
+
+impl Default for ModelChannel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Shared {
     /// Asks the consumer thread to commit `next_offset` for a partition.
     fn request_commit(&self, partition: i32, next_offset: i64) {
@@ -185,30 +245,63 @@ impl Shared {
     }
 }
 
-/// Loads the model, opens the state, joins the consumer group and processes until
+/// Loads the models, opens the state, joins the consumer group and processes until
 /// `shutdown` resolves or a partition fails.
 pub async fn run_worker(
     settings: WorkerSettings,
     online_store: Option<crate::online_store::OnlineStore>,
+    model_channel: ModelChannel,
     stats: Arc<Stats>,
     ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let topology = &settings.topology;
     let features = topology.feature_set();
-    let registry_path = settings.topology_dir.join(&topology.model.registry);
-    let registry = Registry::open(registry_path);
-    let (version, model_dir) = registry.resolve(&topology.model.name, &topology.model.version)?;
-    let model = {
-        let names = features.names().to_vec();
-        tokio::task::spawn_blocking(move || Model::load(&model_dir, &names))
-            .await
-            .map_err(|e| WorkerError::Other(format!("model loading task failed: {e}")))??
+    let registry: Arc<dyn ModelRegistry> = Arc::new(DirRegistry::open(
+        settings.topology_dir.join(&topology.model.registry),
+    ));
+    let producer = OutputProducer::create(settings.producer_config())?;
+    let alerts = Alerts::new(
+        &topology.app,
+        topology.alerts_topic(),
+        Some(producer.clone()),
+    );
+    let (manager, models) = ModelManager::start(topology, registry, alerts).await?;
+    let manager_stop = Arc::new(tokio::sync::Notify::new());
+    let manager_task = {
+        let stop = Arc::clone(&manager_stop);
+        let poll = topology.model_poll_interval();
+        tokio::spawn(manager.run(poll, model_channel.receiver, async move {
+            stop.notified().await
+        }))
     };
-    tracing::info!(model = %model.meta.name, version, features = features.len(), "model loaded");
+    let mut control_config = ClientConfig::new();
+    control_config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", format!("{}-control", settings.group));
+    for (key, value) in &topology.kafka.consumer {
+        control_config.set(key, value.to_string());
+    }
+    tokio::spawn(crate::serving::control::follow(
+        control_config,
+        topology.control_topic(),
+        topology.model.name.clone(),
+        model_channel.sender,
+    ));
+    let (shadow, shadow_thread) = if topology.model.shadows.is_empty() {
+        (None, None)
+    } else {
+        let (topic, codec) = topology.shadow_topic();
+        let (queue, thread) = crate::serving::shadow::start(
+            producer.clone(),
+            topic,
+            codec,
+            tokio::runtime::Handle::current(),
+        );
+        (Some(queue), Some(thread))
+    };
 
     let store = StateStore::open(&settings.state_dir, topology.state_hash())?;
-    let producer = OutputProducer::create(settings.producer_config())?;
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let mirror_stop = Arc::new(AtomicBool::new(false));
@@ -232,7 +325,9 @@ pub async fn run_worker(
         topic: topology.source.topic.clone(),
         scored_types: topology.scored_types(),
         features,
-        model,
+        models,
+        experiment: Experiment::from_topology(topology),
+        shadow,
         codec: topology.source_codec(),
         predictions_topic: topology.sinks.predictions.topic.clone(),
         predictions_codec: topology.predictions_codec(),
@@ -272,6 +367,11 @@ pub async fn run_worker(
         .await
         .map_err(|e| WorkerError::Other(format!("consumer thread failed: {e}")))?;
     drop(shared);
+    manager_stop.notify_one();
+    let _ = manager_task.await;
+    if let Some(thread) = shadow_thread {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     producer.flush(Duration::from_secs(10))?;
     mirror_stop.store(true, Ordering::SeqCst);
     if let Some(task) = mirror_task {

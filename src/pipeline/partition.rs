@@ -10,12 +10,16 @@ use std::time::Instant;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc;
 
-use super::{PartitionError, Shared};
-use crate::codec::{decode_event, now_ms, Event, Reason, Rejection};
+use super::{ExperimentMode, PartitionError, Shared};
+use crate::codec::{decode_event, now_ms, Event, EventType, Reason, Rejection};
 use crate::features::Scratch;
 use crate::metrics as m;
 use crate::online_store::FeatureUpdate;
+use crate::serving::experiment::{decode_pending, encode_pending, Bandit, Posteriors};
+use crate::serving::shadow::{ShadowBatch, ShadowEvent};
+use crate::serving::ModelSet;
 use crate::sink::{dead_letter_headers, encode_prediction, PendingDeliveries, Prediction};
+use crate::state::store::BanditChanges;
 use crate::state::store::PartitionStore;
 use crate::state::UserState;
 use crate::util::now_us;
@@ -43,6 +47,9 @@ struct Scored {
     event: Event,
     input_ts: i64,
     received_us: i64,
+    offset: i64,
+    /// The experiment arm that scores it (0 without an experiment).
+    arm: usize,
 }
 
 pub struct PartitionTask {
@@ -65,8 +72,16 @@ pub struct PartitionTask {
     last_eviction: Instant,
     /// Updates the mirror's full queue handed back, offered again at the next checkpoint.
     unmirrored: Vec<FeatureUpdate>,
+    /// The model set the last batch used.
+    models: Arc<ModelSet>,
+    bandit: Option<Bandit>,
+    /// Row indices of each arm in the current batch, and their scores (reused).
+    arm_rows: Vec<Vec<usize>>,
+    arm_input: Vec<f64>,
+    arm_scores: Vec<f64>,
     events_counter: metrics::Counter,
-    predictions_counter: metrics::Counter,
+    /// Prediction counters by (model version, arm).
+    prediction_counters: HashMap<(u32, usize), metrics::Counter>,
     e2e_histogram: metrics::Histogram,
     batch_histogram: metrics::Histogram,
     checkpoint_histogram: metrics::Histogram,
@@ -79,19 +94,37 @@ impl PartitionTask {
         partition: i32,
         store: PartitionStore,
         next_offset: Option<i64>,
-    ) -> Self {
+    ) -> Result<Self, PartitionError> {
         let topic = shared.topic.clone();
         let p = partition.to_string();
-        let model = &shared.model.meta;
         let width = shared.features.len();
-        PartitionTask {
+        let bandit = match &shared.experiment {
+            Some(e) => match e.mode {
+                ExperimentMode::Bandit { max_pending, .. } => Some(restore_bandit(
+                    &store,
+                    partition,
+                    e.arms.len(),
+                    shared.features.lateness_ms(),
+                    max_pending,
+                )?),
+                ExperimentMode::Split(_) => None,
+            },
+            None => None,
+        };
+        let arms = shared.experiment.as_ref().map_or(1, |e| e.arms.len());
+        let models = shared.models.borrow().clone();
+        Ok(PartitionTask {
             events_counter: metrics::counter!(m::SOURCE_EVENTS, "topic" => topic.clone(), "partition" => p.clone()),
-            predictions_counter: metrics::counter!(m::PREDICTIONS, "model" => model.name.clone(),
-                "version" => model.version.to_string(), "variant" => "champion"),
+            prediction_counters: HashMap::new(),
             e2e_histogram: metrics::histogram!(m::E2E_LATENCY),
             batch_histogram: metrics::histogram!(m::BATCH_ROWS),
             checkpoint_histogram: metrics::histogram!(m::CHECKPOINT_SECONDS, "partition" => p.clone()),
             hot_users_gauge: metrics::gauge!(m::HOT_USERS, "partition" => p),
+            models,
+            bandit,
+            arm_rows: vec![Vec::new(); arms],
+            arm_input: Vec::new(),
+            arm_scores: Vec::new(),
             shared,
             partition,
             store,
@@ -109,7 +142,7 @@ impl PartitionTask {
             buffer: Vec::new(),
             last_eviction: Instant::now(),
             unmirrored: Vec::new(),
-        }
+        })
     }
 
     /// Runs until told to stop or until an error that forbids going on (an output not
@@ -269,16 +302,76 @@ impl PartitionTask {
             user.dirty = true;
             self.dirty.push(event.user_id.clone());
         }
+        if let Some(bandit) = &mut self.bandit {
+            let expired = bandit.advance(event.ts);
+            let clicked = if event.kind == EventType::Click {
+                bandit.click(&event.user_id, &event.item_id, event.ts)
+            } else {
+                0
+            };
+            if expired + clicked > 0 {
+                self.publish_bandit();
+            }
+        }
         if self.shared.scored_types.contains(event.kind) {
+            let arm = self.choose_arm(&event, record.offset());
             self.rows.extend_from_slice(&self.values);
             let input_ts = record.timestamp().to_millis().unwrap_or(event.ts);
             self.scored.push(Scored {
                 event,
                 input_ts,
                 received_us,
+                offset: record.offset(),
+                arm,
             });
         }
         Ok(())
+    }
+
+    /// The arm that scores this event: sticky by user for a split; for the bandit, a
+    /// Thompson draw seeded by the partition and offset (so a replay draws the same),
+    /// and the impression starts waiting for its reward.
+    fn choose_arm(&mut self, event: &Event, offset: i64) -> usize {
+        let Some(experiment) = &self.shared.experiment else {
+            return 0;
+        };
+        match &experiment.mode {
+            ExperimentMode::Split(split) => split.arm(&experiment.name, &event.user_id),
+            ExperimentMode::Bandit { seed, .. } => {
+                let bandit = self.bandit.as_mut().expect("bandit mode has a bandit");
+                let draw_seed = seed ^ ((self.partition as u64) << 48) ^ offset as u64;
+                let arm = bandit.posteriors.choose(draw_seed);
+                if event.kind == EventType::Impression
+                    && !bandit.impression(&event.user_id, &event.item_id, event.ts, arm)
+                {
+                    metrics::counter!(m::BANDIT_UNTRACKED, "partition" => self.partition.to_string())
+                        .increment(1);
+                }
+                arm
+            }
+        }
+    }
+
+    fn publish_bandit(&self) {
+        let (Some(bandit), Some(experiment)) = (&self.bandit, &self.shared.experiment) else {
+            return;
+        };
+        let p = self.partition.to_string();
+        let posteriors = &bandit.posteriors;
+        for (arm, name) in experiment.arms.iter().enumerate() {
+            metrics::gauge!(m::BANDIT_POSTERIOR_MEAN, "arm" => name.clone(), "partition" => p.clone())
+                .set(posteriors.mean(arm));
+            // The posteriors' counts are the partition's settled rewards so far.
+            for (reward, count) in [
+                ("1", posteriors.successes[arm]),
+                ("0", posteriors.failures[arm]),
+            ] {
+                metrics::counter!(m::BANDIT_REWARDS, "arm" => name.clone(), "reward" => reward,
+                    "partition" => p.clone())
+                .absolute(count);
+            }
+        }
+        metrics::gauge!(m::BANDIT_PENDING, "partition" => p).set(bandit.pending() as f64);
     }
 
     async fn dead_letter(&mut self, record: &OwnedMessage, rejection: &Rejection) {
@@ -313,16 +406,37 @@ impl PartitionTask {
             return Ok(());
         }
         let shared = Arc::clone(&self.shared);
+        // One snapshot per batch: a promotion lands between batches, never inside one.
+        let models = shared.models.borrow().clone();
+        if models.generation != self.models.generation {
+            tracing::info!(
+                partition = self.partition,
+                offset = self.scored[0].offset,
+                from = self.models.champion.meta.version,
+                to = models.champion.meta.version,
+                generation = models.generation,
+                "partition switched models"
+            );
+            self.models = Arc::clone(&models);
+        }
         let stride = shared.features.len();
         self.scores.clear();
-        for chunk in self.rows.chunks(shared.max_batch * stride) {
-            self.batch_histogram.record((chunk.len() / stride) as f64);
-            shared
-                .model
-                .score(chunk, stride, &mut self.model_input, &mut self.scores)?;
+        if self.arm_rows.len() == 1 {
+            for chunk in self.rows.chunks(shared.max_batch * stride) {
+                self.batch_histogram.record((chunk.len() / stride) as f64);
+                models
+                    .scorer(0)
+                    .score(chunk, stride, &mut self.model_input, &mut self.scores)?;
+            }
+        } else {
+            self.score_by_arm(&models, stride)?;
         }
-        let meta = &shared.model.meta;
+        let variants: Vec<&str> = match &shared.experiment {
+            Some(e) => e.arms.iter().map(String::as_str).collect(),
+            None => vec!["champion"],
+        };
         for (i, scored) in self.scored.iter().enumerate() {
+            let meta = &models.scorer(scored.arm).meta;
             let produced_us = now_us();
             let features = shared.log_features.then(|| {
                 (
@@ -337,7 +451,7 @@ impl PartitionTask {
                     event: &scored.event,
                     model: &meta.name,
                     version: meta.version,
-                    variant: "champion",
+                    variant: variants[scored.arm],
                     score: self.scores[i],
                     features,
                     input_ts: scored.input_ts,
@@ -360,12 +474,78 @@ impl PartitionTask {
             let latency_us = (produced_us - scored.input_ts * 1000).max(0) as u64;
             self.e2e_histogram.record(latency_us as f64 / 1e6);
             shared.stats.e2e_latency.record_us(latency_us);
+            self.prediction_counters
+                .entry((meta.version, scored.arm))
+                .or_insert_with(|| {
+                    metrics::counter!(m::PREDICTIONS, "model" => meta.name.clone(),
+                        "version" => meta.version.to_string(), "variant" => variants[scored.arm].to_owned())
+                })
+                .increment(1);
         }
         let n = self.scored.len() as u64;
-        self.predictions_counter.increment(n);
         shared.stats.predictions.fetch_add(n, Relaxed);
+        if let Some(queue) = &shared.shadow {
+            if !models.shadows.is_empty() {
+                let served = self
+                    .scored
+                    .iter()
+                    .zip(&self.scores)
+                    .map(|(s, score)| (*score, models.scorer(s.arm).meta.threshold))
+                    .collect();
+                let events = self
+                    .scored
+                    .drain(..)
+                    .map(|s| ShadowEvent {
+                        event: s.event,
+                        input_ts: s.input_ts,
+                        received_us: s.received_us,
+                    })
+                    .collect();
+                queue.offer(ShadowBatch {
+                    set: Arc::clone(&models),
+                    stride,
+                    rows: std::mem::take(&mut self.rows),
+                    served,
+                    events,
+                });
+            }
+        }
         self.scored.clear();
         self.rows.clear();
+        Ok(())
+    }
+
+    /// Scores each arm's rows with the arm's model, then puts the scores back in row
+    /// order.
+    fn score_by_arm(&mut self, models: &ModelSet, stride: usize) -> Result<(), PartitionError> {
+        for rows in &mut self.arm_rows {
+            rows.clear();
+        }
+        for (i, s) in self.scored.iter().enumerate() {
+            self.arm_rows[s.arm].push(i);
+        }
+        self.scores.resize(self.scored.len(), 0.0);
+        let max_batch = self.shared.max_batch;
+        for (arm, rows) in self.arm_rows.iter().enumerate() {
+            for chunk in rows.chunks(max_batch) {
+                self.arm_input.clear();
+                for &i in chunk {
+                    self.arm_input
+                        .extend_from_slice(&self.rows[i * stride..(i + 1) * stride]);
+                }
+                self.batch_histogram.record(chunk.len() as f64);
+                self.arm_scores.clear();
+                models.scorer(arm).score(
+                    &self.arm_input,
+                    stride,
+                    &mut self.model_input,
+                    &mut self.arm_scores,
+                )?;
+                for (&i, &score) in chunk.iter().zip(&self.arm_scores) {
+                    self.scores[i] = score;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -388,7 +568,26 @@ impl PartitionTask {
             .dirty
             .iter()
             .filter_map(|u| users.get(u).map(|h| (u.as_str(), &h.state)));
-        self.store.checkpoint(dirty, next_offset).await?;
+        let bandit = self.bandit.as_mut().map(|bandit| {
+            let (users, posteriors_changed) = bandit.take_changes();
+            let mut changes = BanditChanges::default();
+            if posteriors_changed {
+                let mut bytes = Vec::new();
+                bandit.posteriors.encode(&mut bytes);
+                changes.posteriors = Some(bytes);
+            }
+            for (user, list) in users {
+                let value = (!list.is_empty()).then(|| {
+                    let mut bytes = Vec::new();
+                    encode_pending(&list, &mut bytes);
+                    bytes
+                });
+                changes.pending.push((user, value));
+            }
+            changes
+        });
+        self.store.checkpoint(dirty, bandit, next_offset).await?;
+        self.publish_bandit();
         let mut changed = std::mem::take(&mut self.unmirrored);
         for user in self.dirty.drain(..) {
             if let Some(hot) = self.users.get_mut(&user) {
@@ -429,4 +628,39 @@ impl PartitionTask {
             );
         }
     }
+}
+
+/// The partition's bandit as last checkpointed: posteriors and pending rewards. State
+/// written for a different number of arms starts over (and says so).
+fn restore_bandit(
+    store: &PartitionStore,
+    partition: i32,
+    arms: usize,
+    lateness_ms: i64,
+    max_pending: usize,
+) -> Result<Bandit, PartitionError> {
+    let mut bandit = Bandit::new(arms, lateness_ms, max_pending);
+    let (posteriors, pending) = store.bandit()?;
+    if let Some(bytes) = posteriors {
+        match Posteriors::decode(&bytes, arms) {
+            Some(p) => bandit.posteriors = p,
+            None => tracing::warn!(
+                partition,
+                arms,
+                "stored bandit posteriors are for another experiment; starting from Beta(1,1)"
+            ),
+        }
+    }
+    let mut restored = 0;
+    for (user, bytes) in pending {
+        match decode_pending(&bytes) {
+            Some(list) if list.iter().all(|r| (r.arm as usize) < arms) => {
+                restored += list.len();
+                bandit.restore_user(user, list);
+            }
+            _ => tracing::warn!(partition, user, "dropping unreadable pending rewards"),
+        }
+    }
+    tracing::info!(partition, restored, "bandit restored");
+    Ok(bandit)
 }

@@ -128,7 +128,14 @@ impl SourceContext {
             }
             tracing::info!(partition, ?offset, "partition assigned");
             let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
-            let task = PartitionTask::new(Arc::clone(&self.shared), partition, store, next_offset);
+            let task =
+                match PartitionTask::new(Arc::clone(&self.shared), partition, store, next_offset) {
+                    Ok(task) => task,
+                    Err(e) => {
+                        self.shared.report_fatal(e);
+                        continue;
+                    }
+                };
             self.runtime.spawn(task.run(rx));
             tasks.insert(partition, tx);
         }

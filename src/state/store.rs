@@ -11,6 +11,10 @@ use super::{decode_user_state, encode_user_state, StateDecodeError, UserState};
 /// cannot collide with it.
 const OFFSET_KEY: &[u8] = b"\0offset";
 const USER_PREFIX: u8 = b'u';
+/// A user's impressions waiting for a bandit reward.
+const REWARD_PREFIX: u8 = b'r';
+/// The partition's bandit posteriors.
+const BANDIT_KEY: &[u8] = b"\0bandit";
 const STATE_HASH_KEY: &[u8] = b"state_hash";
 
 #[derive(Debug, thiserror::Error)]
@@ -138,11 +142,30 @@ impl PartitionStore {
         }
     }
 
-    /// Writes the changed users and the next offset in one atomic batch, then makes it
-    /// durable.
+    /// The bandit's checkpointed posteriors and pending rewards (raw bytes).
+    pub fn bandit(&self) -> Result<StoredBandit, StoreError> {
+        let posteriors = self
+            .tree
+            .get(BANDIT_KEY)
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec());
+        let mut pending = Vec::new();
+        for item in self.tree.scan_prefix([REWARD_PREFIX]) {
+            let (key, value) = item.map_err(|e| self.sled_err(e))?;
+            pending.push((
+                String::from_utf8_lossy(&key[1..]).into_owned(),
+                value.to_vec(),
+            ));
+        }
+        Ok((posteriors, pending))
+    }
+
+    /// Writes the changed users, the bandit's changes and the next offset in one atomic
+    /// batch, then makes it durable.
     pub async fn checkpoint<'a>(
         &mut self,
         dirty: impl Iterator<Item = (&'a str, &'a UserState)>,
+        bandit: Option<BanditChanges>,
         next_offset: i64,
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
@@ -150,6 +173,18 @@ impl PartitionStore {
             self.buffer.clear();
             encode_user_state(state, &mut self.buffer);
             batch.insert(user_key(user), self.buffer.as_slice());
+        }
+        if let Some(changes) = bandit {
+            if let Some(posteriors) = changes.posteriors {
+                batch.insert(BANDIT_KEY, posteriors);
+            }
+            for (user, value) in changes.pending {
+                let key = prefixed(REWARD_PREFIX, &user);
+                match value {
+                    Some(bytes) => batch.insert(key, bytes),
+                    None => batch.remove(key),
+                }
+            }
         }
         batch.insert(OFFSET_KEY, &next_offset.to_be_bytes());
         self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
@@ -172,9 +207,24 @@ impl PartitionStore {
     }
 }
 
+/// The bandit's posteriors, if any, and each user's pending rewards, undecoded.
+pub type StoredBandit = (Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
+
+/// What a checkpoint writes for the bandit: the posteriors when they changed, and each
+/// changed user's pending rewards (None: the user has none left).
+#[derive(Debug, Default)]
+pub struct BanditChanges {
+    pub posteriors: Option<Vec<u8>>,
+    pub pending: Vec<(String, Option<Vec<u8>>)>,
+}
+
 fn user_key(user: &str) -> Vec<u8> {
+    prefixed(USER_PREFIX, user)
+}
+
+fn prefixed(prefix: u8, user: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(user.len() + 1);
-    key.push(USER_PREFIX);
+    key.push(prefix);
     key.extend_from_slice(user.as_bytes());
     key
 }

@@ -161,9 +161,13 @@ impl Broker {
         let mut out = Vec::new();
         while Instant::now() < deadline {
             match consumer.poll(Duration::from_millis(100)) {
+                // Under a steady stream the topic is never quiet: ask `done` every
+                // 256 records too.
                 Some(Ok(m)) => {
                     out.push(m.detach());
-                    continue;
+                    if out.len() % 256 != 0 {
+                        continue;
+                    }
                 }
                 Some(Err(e)) => eprintln!("reader: {e}"),
                 None => {}
@@ -269,7 +273,20 @@ impl Augur {
         instance: &str,
         state_dir: &Path,
     ) -> Augur {
+        Self::start_env(topology, brokers, group, instance, state_dir, &[])
+    }
+
+    /// Like [`Augur::start`], with extra environment variables.
+    pub fn start_env(
+        topology: &Path,
+        brokers: &str,
+        group: &str,
+        instance: &str,
+        state_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Augur {
         let child = Command::new(augur_bin())
+            .envs(env.iter().copied())
             .args(["run", "--topology"])
             .arg(topology)
             .args([

@@ -1,0 +1,502 @@
+//! Experiments between model variants: a fixed split, sticky per user, and a
+//! Thompson-sampling bandit whose rewards come from the in-stream click join of
+//! SCENARIO.md. Everything here is a pure function of its inputs, so a partition that
+//! replays from its checkpoint decides exactly as it did the first time.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use crate::gen::Rng;
+use crate::util::fnv1a64;
+
+/// A click on the impressed item within this long (event time) is the reward 1.
+pub const REWARD_WINDOW_MS: i64 = 30 * 60 * 1000;
+
+/// SplitMix64's finalizer: spreads FNV's weak low bits over the whole word.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The user's position in [0, 1) for an experiment: stable across processes, versions
+/// and restarts (FNV-1a of `experiment \0 user`, mixed).
+pub fn user_position(experiment: &str, user: &str) -> f64 {
+    let mut bytes = Vec::with_capacity(experiment.len() + user.len() + 1);
+    bytes.extend_from_slice(experiment.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(user.as_bytes());
+    (mix(fnv1a64(&bytes)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A fixed split: arm i takes the users whose position falls in its share.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Upper bound of each arm's share; the last is 1.
+    bounds: Vec<f64>,
+}
+
+impl Split {
+    pub fn new(fractions: &[f64]) -> Split {
+        let mut total = 0.0;
+        let mut bounds: Vec<f64> = fractions
+            .iter()
+            .map(|f| {
+                total += f;
+                total
+            })
+            .collect();
+        if let Some(last) = bounds.last_mut() {
+            *last = 1.0;
+        }
+        Split { bounds }
+    }
+
+    pub fn arm(&self, experiment: &str, user: &str) -> usize {
+        let x = user_position(experiment, user);
+        self.bounds
+            .iter()
+            .position(|b| x < *b)
+            .unwrap_or(self.bounds.len() - 1)
+    }
+}
+
+/// Beta(1 + successes, 1 + failures) posteriors, one per arm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posteriors {
+    pub successes: Vec<u64>,
+    pub failures: Vec<u64>,
+}
+
+impl Posteriors {
+    pub fn new(arms: usize) -> Posteriors {
+        Posteriors {
+            successes: vec![0; arms],
+            failures: vec![0; arms],
+        }
+    }
+
+    pub fn arms(&self) -> usize {
+        self.successes.len()
+    }
+
+    pub fn reward(&mut self, arm: usize, clicked: bool) {
+        if clicked {
+            self.successes[arm] += 1;
+        } else {
+            self.failures[arm] += 1;
+        }
+    }
+
+    /// The posterior mean of arm's reward rate.
+    pub fn mean(&self, arm: usize) -> f64 {
+        (1 + self.successes[arm]) as f64 / (2 + self.successes[arm] + self.failures[arm]) as f64
+    }
+
+    /// Thompson sampling: one draw from each arm's posterior; the largest wins. The
+    /// draw is seeded by the caller (experiment seed, partition, offset), so it is
+    /// reproducible.
+    pub fn choose(&self, seed: u64) -> usize {
+        let mut rng = Rng::new(mix(seed));
+        let mut best = (0, f64::NEG_INFINITY);
+        for arm in 0..self.arms() {
+            let a = 1.0 + self.successes[arm] as f64;
+            let b = 1.0 + self.failures[arm] as f64;
+            let x = gamma(&mut rng, a);
+            let y = gamma(&mut rng, b);
+            let draw = x / (x + y);
+            if draw > best.1 {
+                best = (arm, draw);
+            }
+        }
+        best.0
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.arms() as u8);
+        for arm in 0..self.arms() {
+            out.extend_from_slice(&self.successes[arm].to_be_bytes());
+            out.extend_from_slice(&self.failures[arm].to_be_bytes());
+        }
+    }
+
+    /// None when the bytes are not posteriors for `arms` arms (the experiment changed).
+    pub fn decode(bytes: &[u8], arms: usize) -> Option<Posteriors> {
+        if bytes.first().copied() != Some(arms as u8) || bytes.len() != 1 + 16 * arms {
+            return None;
+        }
+        let mut p = Posteriors::new(arms);
+        for (arm, chunk) in bytes[1..].chunks_exact(16).enumerate() {
+            p.successes[arm] = u64::from_be_bytes(chunk[..8].try_into().ok()?);
+            p.failures[arm] = u64::from_be_bytes(chunk[8..].try_into().ok()?);
+        }
+        Some(p)
+    }
+}
+
+fn standard_normal(rng: &mut Rng) -> f64 {
+    // Box–Muller; 1 - u keeps the logarithm finite.
+    let u = 1.0 - rng.next_f64();
+    let v = rng.next_f64();
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+/// Gamma(shape, 1) for shape ≥ 1 (Marsaglia and Tsang, 2000).
+fn gamma(rng: &mut Rng, shape: f64) -> f64 {
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = standard_normal(rng);
+        let v = 1.0 + c * x;
+        if v <= 0.0 {
+            continue;
+        }
+        let v = v * v * v;
+        let u = 1.0 - rng.next_f64();
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+/// An impression waiting for its reward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReward {
+    pub item: String,
+    pub ts: i64,
+    pub arm: u8,
+}
+
+/// What the reward join did with one event, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub clicks: u64,
+    pub expired: u64,
+}
+
+/// A partition's bandit: posteriors plus the impressions waiting for a click or for
+/// their window to pass. A reward 1 is settled by the matching click; a reward 0 once
+/// the partition's event time passes the impression's time + 30 min + the allowed
+/// lateness, so a click that is late but within the lateness still counts.
+#[derive(Debug)]
+pub struct Bandit {
+    pub posteriors: Posteriors,
+    pending: HashMap<String, Vec<PendingReward>>,
+    deadlines: BinaryHeap<Reverse<(i64, String)>>,
+    count: usize,
+    /// Users whose pending list changed since the last checkpoint.
+    dirty: HashSet<String>,
+    posteriors_dirty: bool,
+    max_ts: i64,
+    settle_after_ms: i64,
+    max_pending: usize,
+}
+
+impl Bandit {
+    pub fn new(arms: usize, lateness_ms: i64, max_pending: usize) -> Bandit {
+        Bandit {
+            posteriors: Posteriors::new(arms),
+            pending: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            count: 0,
+            dirty: HashSet::new(),
+            posteriors_dirty: false,
+            max_ts: i64::MIN,
+            settle_after_ms: REWARD_WINDOW_MS + lateness_ms,
+            max_pending,
+        }
+    }
+
+    /// Impressions waiting for their reward.
+    pub fn pending(&self) -> usize {
+        self.count
+    }
+
+    /// Restores one user's pending rewards from a checkpoint.
+    pub fn restore_user(&mut self, user: String, rewards: Vec<PendingReward>) {
+        for r in &rewards {
+            self.deadlines
+                .push(Reverse((r.ts + self.settle_after_ms, user.clone())));
+            self.max_ts = self.max_ts.max(r.ts);
+        }
+        self.count += rewards.len();
+        self.pending.insert(user, rewards);
+    }
+
+    /// Records an impression scored by `arm`; false when the pending set is full and
+    /// the impression is not tracked.
+    pub fn impression(&mut self, user: &str, item: &str, ts: i64, arm: usize) -> bool {
+        if self.count >= self.max_pending {
+            return false;
+        }
+        self.pending
+            .entry(user.to_owned())
+            .or_default()
+            .push(PendingReward {
+                item: item.to_owned(),
+                ts,
+                arm: arm as u8,
+            });
+        self.deadlines
+            .push(Reverse((ts + self.settle_after_ms, user.to_owned())));
+        self.count += 1;
+        self.dirty.insert(user.to_owned());
+        true
+    }
+
+    /// A click: every pending impression of the same item in [ts - 30 min, ts) earns 1.
+    pub fn click(&mut self, user: &str, item: &str, ts: i64) -> u64 {
+        let Some(list) = self.pending.get_mut(user) else {
+            return 0;
+        };
+        let before = list.len();
+        let posteriors = &mut self.posteriors;
+        list.retain(|r| {
+            let hit = r.item == item && r.ts < ts && ts <= r.ts + REWARD_WINDOW_MS;
+            if hit {
+                posteriors.reward(r.arm as usize, true);
+            }
+            !hit
+        });
+        let settled = (before - list.len()) as u64;
+        if settled > 0 {
+            self.count -= settled as usize;
+            self.dirty.insert(user.to_owned());
+            self.posteriors_dirty = true;
+        }
+        settled
+    }
+
+    /// Moves the partition's event time to `ts`; impressions whose window (plus the
+    /// lateness) has passed earn 0. Returns how many settled.
+    pub fn advance(&mut self, ts: i64) -> u64 {
+        if ts <= self.max_ts {
+            return 0;
+        }
+        self.max_ts = ts;
+        let mut expired = 0u64;
+        while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
+            if *deadline >= ts {
+                break;
+            }
+            let Reverse((_, user)) = self.deadlines.pop().expect("peeked");
+            let Some(list) = self.pending.get_mut(&user) else {
+                continue;
+            };
+            let before = list.len();
+            let (settle_after, posteriors) = (self.settle_after_ms, &mut self.posteriors);
+            list.retain(|r| {
+                let done = r.ts + settle_after < ts;
+                if done {
+                    posteriors.reward(r.arm as usize, false);
+                }
+                !done
+            });
+            let n = before - list.len();
+            if n > 0 {
+                expired += n as u64;
+                self.count -= n;
+                self.dirty.insert(user.clone());
+                self.posteriors_dirty = true;
+            }
+            if list.is_empty() {
+                self.pending.remove(&user);
+            }
+        }
+        expired
+    }
+
+    /// The users whose pending list changed, with their current list (empty: delete),
+    /// and whether the posteriors changed; clears the change marks.
+    pub fn take_changes(&mut self) -> (Vec<(String, Vec<PendingReward>)>, bool) {
+        let users = self
+            .dirty
+            .drain()
+            .map(|u| {
+                let list = self.pending.get(&u).cloned().unwrap_or_default();
+                (u, list)
+            })
+            .collect();
+        (users, std::mem::take(&mut self.posteriors_dirty))
+    }
+}
+
+/// Encodes a user's pending rewards: count, then (item length, item, ts, arm) each.
+pub fn encode_pending(list: &[PendingReward], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(list.len() as u32).to_be_bytes());
+    for r in list {
+        out.extend_from_slice(&(r.item.len() as u32).to_be_bytes());
+        out.extend_from_slice(r.item.as_bytes());
+        out.extend_from_slice(&r.ts.to_be_bytes());
+        out.push(r.arm);
+    }
+}
+
+pub fn decode_pending(mut bytes: &[u8]) -> Option<Vec<PendingReward>> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if bytes.len() < n {
+            return None;
+        }
+        let (head, tail) = bytes.split_at(n);
+        *bytes = tail;
+        Some(head)
+    }
+    let n = u32::from_be_bytes(take(&mut bytes, 4)?.try_into().ok()?) as usize;
+    let mut list = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let len = u32::from_be_bytes(take(&mut bytes, 4)?.try_into().ok()?) as usize;
+        let item = String::from_utf8(take(&mut bytes, len)?.to_vec()).ok()?;
+        let ts = i64::from_be_bytes(take(&mut bytes, 8)?.try_into().ok()?);
+        let arm = take(&mut bytes, 1)?[0];
+        list.push(PendingReward { item, ts, arm });
+    }
+    bytes.is_empty().then_some(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_is_sticky_and_within_one_percent_of_its_fractions() {
+        let fractions = [0.5, 0.3, 0.2];
+        let split = Split::new(&fractions);
+        let mut counts = [0usize; 3];
+        let users = 100_000;
+        for u in 0..users {
+            let user = format!("user-{u}");
+            let arm = split.arm("exp-1", &user);
+            assert_eq!(arm, split.arm("exp-1", &user), "sticky");
+            counts[arm] += 1;
+        }
+        for (arm, f) in fractions.iter().enumerate() {
+            let share = counts[arm] as f64 / users as f64;
+            eprintln!("arm {arm}: configured {f}, got {share:.4}");
+            assert!((share - f).abs() < 0.01, "arm {arm}: {share} vs {f}");
+        }
+        // Another experiment reshuffles users independently.
+        let moved = (0..10_000)
+            .filter(|u| {
+                let user = format!("user-{u}");
+                split.arm("exp-1", &user) != split.arm("exp-2", &user)
+            })
+            .count();
+        assert!(moved > 5_000, "only {moved} of 10000 users changed arm");
+        // Pinned: the hash is part of the contract (users keep their arm across
+        // versions of augur), so a change to it must fail here.
+        assert_eq!(user_position("exp-1", "ü-7-é"), 0.3351081365016133);
+        assert_eq!(split.arm("exp-1", "ü-7-é"), 0);
+    }
+
+    #[test]
+    fn thompson_sampling_finds_the_best_of_three_arms() {
+        let rates = [0.04, 0.05, 0.07];
+        let mut posteriors = Posteriors::new(3);
+        let mut env = Rng::new(7);
+        let rewards = 20_000;
+        let mut to_best_in_last = 0;
+        let mut regret = 0.0;
+        let mut curve = Vec::new();
+        for t in 0..rewards {
+            let arm = posteriors.choose(0xC0FFEE ^ (t as u64) << 8);
+            let clicked = env.next_f64() < rates[arm];
+            posteriors.reward(arm, clicked);
+            regret += rates[2] - rates[arm];
+            if t >= rewards - 5_000 && arm == 2 {
+                to_best_in_last += 1;
+            }
+            if (t + 1) % 2_000 == 0 {
+                curve.push((t + 1, regret));
+            }
+        }
+        eprintln!("regret curve (decisions, cumulative regret):");
+        for (t, r) in &curve {
+            eprintln!("  {t:>6} {r:>8.2}");
+        }
+        eprintln!(
+            "posterior means: {:.4} {:.4} {:.4}; last 5000 to the best arm: {to_best_in_last}",
+            posteriors.mean(0),
+            posteriors.mean(1),
+            posteriors.mean(2)
+        );
+        assert!(
+            to_best_in_last >= 4_500,
+            "{to_best_in_last} of the last 5000 decisions went to the best arm"
+        );
+        // Regret grows sublinearly: the second half adds less than the first.
+        let half = curve[curve.len() / 2 - 1].1;
+        assert!(regret - half < half, "regret {half} then {regret}");
+    }
+
+    #[test]
+    fn beta_draws_have_the_right_mean() {
+        let mut rng = Rng::new(3);
+        let (a, b) = (3.0, 7.0);
+        let n = 50_000;
+        let mean: f64 = (0..n)
+            .map(|_| {
+                let x = gamma(&mut rng, a);
+                x / (x + gamma(&mut rng, b))
+            })
+            .sum::<f64>()
+            / n as f64;
+        assert!((mean - 0.3).abs() < 0.005, "{mean}");
+    }
+
+    #[test]
+    fn clicks_and_expiry_settle_rewards() {
+        let minute = 60_000;
+        let mut bandit = Bandit::new(2, 10 * minute, 100);
+        assert!(bandit.impression("u1", "i1", 0, 0));
+        assert!(bandit.impression("u1", "i2", 0, 1));
+        assert!(bandit.impression("u2", "i1", 0, 1));
+        // A click on another item, or before the impression, earns nothing.
+        assert_eq!(bandit.click("u1", "i3", minute), 0);
+        assert_eq!(bandit.click("u1", "i1", 0), 0);
+        assert_eq!(bandit.click("u1", "i1", 29 * minute), 1);
+        assert_eq!(bandit.posteriors.successes, vec![1, 0]);
+        // 30 min + 10 min lateness must pass before a 0 is settled.
+        assert_eq!(bandit.advance(40 * minute), 0);
+        assert_eq!(bandit.advance(40 * minute + 1), 2);
+        assert_eq!(bandit.posteriors.failures, vec![0, 2]);
+        assert_eq!(bandit.pending(), 0);
+        let (changes, posteriors_changed) = bandit.take_changes();
+        assert!(posteriors_changed);
+        assert_eq!(changes.len(), 2);
+        assert!(changes.iter().all(|(_, list)| list.is_empty()));
+    }
+
+    #[test]
+    fn pending_rewards_and_posteriors_round_trip() {
+        let list = vec![
+            PendingReward {
+                item: "ü-item".into(),
+                ts: -5,
+                arm: 2,
+            },
+            PendingReward {
+                item: String::new(),
+                ts: i64::MAX,
+                arm: 0,
+            },
+        ];
+        let mut bytes = Vec::new();
+        encode_pending(&list, &mut bytes);
+        assert_eq!(decode_pending(&bytes), Some(list));
+        assert_eq!(decode_pending(&bytes[..bytes.len() - 1]), None);
+        let mut p = Posteriors::new(3);
+        p.reward(1, true);
+        p.reward(2, false);
+        let mut bytes = Vec::new();
+        p.encode(&mut bytes);
+        assert_eq!(Posteriors::decode(&bytes, 3), Some(p));
+        assert_eq!(Posteriors::decode(&bytes, 2), None);
+    }
+
+    #[test]
+    fn a_full_pending_set_refuses_new_impressions() {
+        let mut bandit = Bandit::new(2, 0, 1);
+        assert!(bandit.impression("u", "i", 0, 0));
+        assert!(!bandit.impression("u", "j", 0, 0));
+    }
+}
