@@ -3,6 +3,7 @@
 //! batches with no further allocation beyond its reused buffers.
 
 pub mod registry;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -129,7 +130,7 @@ impl Model {
             path: onnx_path.clone(),
             message: format!("{e:#}"),
         };
-        let mut model = tract_onnx::onnx()
+        let mut model = tree::onnx()
             .model_for_path(&onnx_path)
             .map_err(load_err)?;
         let batch = model.sym("N");
