@@ -154,7 +154,7 @@ struct NotifyArgs {
 
 #[derive(clap::Args, Debug)]
 struct GenArgs {
-    /// Number of events.
+    /// Length of the stream: events 0..N (with --from F, F..N are emitted).
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
     /// Number of distinct users.
@@ -181,6 +181,26 @@ struct GenArgs {
     /// Kafka bootstrap servers for --to-topic.
     #[arg(long, env = "AUGUR_BROKERS")]
     brokers: Option<String>,
+    /// Events per second of wall-clock time (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Mean events per user before it churns and a new user takes its place (0: never).
+    #[arg(long, default_value_t = 0)]
+    lifetime: u32,
+    /// Give users a click affinity, so past click rates predict clicks.
+    #[arg(long)]
+    affinity: bool,
+    /// Inject drift: `clicks=F` (click propensity ×F), `categories` (the category mix
+    /// narrows to a quarter), or `amounts=F` (purchase amounts ×F).
+    #[arg(long, requires = "drift_at")]
+    drift: Option<crate::gen::Drift>,
+    /// Index of the first drifted event (its event time is start_ts + index × step_ms).
+    #[arg(long, requires = "drift")]
+    drift_at: Option<u64>,
+    /// Emit from this event index on (the stream before it is generated and dropped),
+    /// to continue a stream written by an earlier run.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
 }
 
 /// Where offline events come from.
@@ -718,8 +738,30 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
 
 fn gen(args: GenArgs) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut generator = crate::gen::Generator::new(args.seed, args.users);
-    let mut next = |i: u64| generator.next_event(args.start_ts + i as i64 * args.step_ms);
+    let options = crate::gen::GenOptions {
+        lifetime: args.lifetime,
+        affinity: args.affinity,
+        drift: args
+            .drift
+            .zip(args.drift_at)
+            .map(|(d, at)| (args.start_ts + at as i64 * args.step_ms, d)),
+    };
+    let mut generator = crate::gen::Generator::with_options(args.seed, args.users, options);
+    for i in 0..args.from {
+        generator.next_event(args.start_ts + i as i64 * args.step_ms);
+    }
+    let started = std::time::Instant::now();
+    let first = args.from;
+    let mut next = |i: u64| {
+        if let Some(rate) = args.rate.filter(|r| *r > 0.0) {
+            let due = std::time::Duration::from_secs_f64((i - first) as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        generator.next_event(args.start_ts + i as i64 * args.step_ms)
+    };
+    let progress_every = (args.events / 20).max(1);
     if let (Some(topic), Some(brokers)) = (&args.to_topic, &args.brokers) {
         use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
         let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
@@ -728,8 +770,11 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
             .set("queue.buffering.max.messages", "1000000")
             .create()
             .context("creating the producer")?;
-        for i in 0..args.events {
+        for i in args.from..args.events {
             let event = next(i);
+            if i > 0 && i % progress_every == 0 && std::io::stderr().is_terminal() {
+                eprint!("\rgen: {i} / {} events", args.events);
+            }
             let payload = crate::gen::event_json(&event);
             let mut record = BaseRecord::to(topic).key(&event.user_id).payload(&payload);
             loop {
@@ -761,7 +806,7 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
     let file = std::fs::File::create(&out_path)
         .with_context(|| format!("creating {}", out_path.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    for i in 0..args.events {
+    for i in args.from..args.events {
         writeln!(out, "{}", crate::gen::event_json(&next(i)))
             .with_context(|| format!("writing {}", out_path.display()))?;
     }

@@ -17,6 +17,7 @@ pub mod features;
 pub mod gen;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod offline;
 pub mod online_store;
 pub mod pipeline;

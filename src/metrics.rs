@@ -50,6 +50,34 @@ pub const SHADOW_DROPPED: &str = "augur_shadow_dropped_rows_total";
 pub const SHADOW_FAILURES: &str = "augur_shadow_failures_total";
 /// Alerts raised, by alert.
 pub const ALERTS: &str = "augur_alerts_total";
+/// 1 while a condition alert fires, by alert and subject.
+pub const ALERT_ACTIVE: &str = "augur_alert_active";
+/// Per-stage processing time of one input batch (decode, state, features, score,
+/// produce; decode/state/features are sampled on every 8th record and scaled).
+pub const STAGE_SECONDS: &str = "augur_pipeline_stage_duration_seconds";
+/// Consumer lag per partition, from librdkafka's statistics.
+pub const CONSUMER_LAG: &str = "augur_source_consumer_lag_records";
+/// Approximate bytes of a partition's hot state.
+pub const HOT_STATE_BYTES: &str = "augur_state_hot_bytes";
+/// Size of the sled database on disk.
+pub const STATE_DISK_BYTES: &str = "augur_state_disk_bytes";
+/// KS statistic, KS p-value and PSI of each watched feature's recent window against the
+/// champion's reference (feature `score` is the prediction).
+pub const DRIFT_KS_STATISTIC: &str = "augur_drift_ks_statistic";
+pub const DRIFT_KS_P_VALUE: &str = "augur_drift_ks_p_value";
+pub const DRIFT_PSI: &str = "augur_drift_psi";
+/// Mean score of the recent window, and the reference positive rate it is held to.
+pub const DRIFT_POSITIVE_RATE: &str = "augur_drift_positive_rate";
+pub const DRIFT_REFERENCE_POSITIVE_RATE: &str = "augur_drift_reference_positive_rate";
+/// Rolling quality from the in-stream label join, by model, version and variant.
+pub const QUALITY_AUC: &str = "augur_quality_auc";
+pub const QUALITY_LOG_LOSS: &str = "augur_quality_log_loss";
+pub const QUALITY_ACCURACY: &str = "augur_quality_accuracy";
+pub const QUALITY_LABELS: &str = "augur_quality_labels";
+/// Time one monitor check takes (every window tested, gauges and alarms updated).
+pub const MONITOR_CHECK_SECONDS: &str = "augur_monitor_check_duration_seconds";
+/// Monitor inputs dropped because the monitor was behind.
+pub const MONITOR_DROPPED: &str = "augur_monitor_dropped_total";
 /// Bandit posterior mean per arm and partition.
 pub const BANDIT_POSTERIOR_MEAN: &str = "augur_bandit_posterior_mean";
 /// Bandit rewards settled, by arm and reward (1 click, 0 expiry), per partition.
@@ -132,6 +160,40 @@ fn describe() {
     describe_counter!(SHADOW_DROPPED, "Rows the shadow thread had no room for");
     describe_counter!(SHADOW_FAILURES, "Shadow scoring or delivery failures");
     describe_counter!(ALERTS, "Alerts raised");
+    describe_gauge!(ALERT_ACTIVE, "1 while a condition alert fires");
+    describe_histogram!(
+        STAGE_SECONDS,
+        Unit::Seconds,
+        "Per-stage processing time of one input batch"
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Consumer lag per partition (librdkafka statistics)"
+    );
+    describe_gauge!(
+        HOT_STATE_BYTES,
+        "Approximate bytes of a partition's hot state"
+    );
+    describe_gauge!(STATE_DISK_BYTES, "Size of the sled database on disk");
+    describe_gauge!(DRIFT_KS_STATISTIC, "KS statistic against the reference");
+    describe_gauge!(DRIFT_KS_P_VALUE, "KS p-value against the reference");
+    describe_gauge!(
+        DRIFT_PSI,
+        "Population stability index against the reference"
+    );
+    describe_gauge!(DRIFT_POSITIVE_RATE, "Mean score of the recent window");
+    describe_gauge!(DRIFT_REFERENCE_POSITIVE_RATE, "Reference positive rate");
+    describe_gauge!(QUALITY_AUC, "Rolling ROC AUC from the label join");
+    describe_gauge!(QUALITY_LOG_LOSS, "Rolling log loss from the label join");
+    describe_gauge!(
+        QUALITY_ACCURACY,
+        "Rolling accuracy at the model's threshold"
+    );
+    describe_gauge!(QUALITY_LABELS, "Labelled predictions in the quality window");
+    describe_counter!(
+        MONITOR_DROPPED,
+        "Monitor inputs dropped because it was behind"
+    );
     describe_gauge!(BANDIT_POSTERIOR_MEAN, "Bandit posterior mean per arm");
     describe_counter!(BANDIT_REWARDS, "Bandit rewards settled");
     describe_gauge!(BANDIT_PENDING, "Impressions waiting for a reward");

@@ -7,6 +7,7 @@
 //! its path (`features[3].window: ...`), so one edit-run cycle fixes a whole file.
 
 mod duration;
+pub mod env;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -85,6 +86,61 @@ pub struct Topology {
     /// An experiment between models: a fixed split or a Thompson-sampling bandit.
     #[serde(default)]
     pub experiment: Option<ExperimentConfig>,
+    #[serde(default)]
+    pub monitoring: MonitoringConfig,
+}
+
+/// Live drift and quality monitoring, with alert thresholds. An alert fires when its
+/// condition holds on `raise_after` consecutive checks, resolves after `clear_after`
+/// clean ones, and cannot fire again for `cooldown` after resolving.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitoringConfig {
+    pub enabled: bool,
+    /// Features watched for drift; empty: every feature the champion's reference covers.
+    pub features: Vec<String>,
+    /// Recent values kept per feature (and of the score); at most 10000.
+    pub window: usize,
+    /// Scored rows between two checks.
+    pub check_every: usize,
+    /// Fewest values in a window before it is tested.
+    pub min_samples: usize,
+    /// Feature and score drift: the KS p-value must be below this...
+    pub ks_p_value: f64,
+    /// ...and the PSI above this (significance and size, against alert fatigue).
+    pub psi: f64,
+    /// Mean score outside reference positive rate × (1 ± this).
+    pub positive_rate_tolerance: f64,
+    /// Rolling AUC below this fires `model_quality`.
+    pub auc_floor: f64,
+    /// Labelled predictions kept per model version and variant.
+    pub label_window: usize,
+    /// Fewest labels before quality is judged.
+    pub min_labels: usize,
+    pub raise_after: u32,
+    pub clear_after: u32,
+    pub cooldown: String,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            features: Vec::new(),
+            window: 2_000,
+            check_every: 2_000,
+            min_samples: 1_000,
+            ks_p_value: 0.01,
+            psi: 0.2,
+            positive_rate_tolerance: 0.5,
+            auc_floor: 0.55,
+            label_window: 10_000,
+            min_labels: 1_000,
+            raise_after: 2,
+            clear_after: 3,
+            cooldown: "10m".into(),
+        }
+    }
 }
 
 /// How impressions are shared between model variants. Each prediction carries its arm's
@@ -434,12 +490,25 @@ impl Topology {
             path: path.to_owned(),
             source,
         })?;
-        let topology = Self::parse(&text).map_err(|(location, message)| ConfigError::Syntax {
-            path: path.to_owned(),
-            location,
-            message,
+        // `AUGUR_<SECTION>__<KEY>` variables override the file (env.rs).
+        let (text, applied) =
+            env::apply_to_text(&text, env::from_process()).map_err(|problems| {
+                ConfigError::Invalid {
+                    path: path.to_owned(),
+                    problems,
+                }
+            })?;
+        let topology = Self::parse(&text).map_err(|(location, message)| {
+            let (location, message) = applied.explain(location, message);
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                location,
+                message,
+            }
         })?;
-        let problems = topology.validate();
+        let mut problems = topology.validate();
+        problems.extend(env::librdkafka_problems(&topology));
+        let problems: Vec<Problem> = problems.into_iter().map(|p| applied.annotate(p)).collect();
         if problems.is_empty() {
             Ok(topology)
         } else {
@@ -570,6 +639,7 @@ impl Topology {
         if let Some(experiment) = &self.experiment {
             experiment.validate(&mut problems);
         }
+        self.monitoring.validate(&mut problems);
         if let Some(sink) = &self.sinks.shadow_predictions {
             check_topic(&mut problems, "sinks.shadow_predictions.topic", &sink.topic);
             check_codec(&mut problems, "sinks.shadow_predictions.codec", &sink.codec);
@@ -768,6 +838,49 @@ impl Topology {
             text.push_str(&format!("{f:?};"));
         }
         crate::util::fnv1a64(text.as_bytes())
+    }
+}
+
+impl MonitoringConfig {
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let mut check = |ok: bool, key: &str, message: &str| {
+            if !ok {
+                problems.push(Problem::new(format!("monitoring.{key}"), message));
+            }
+        };
+        check(
+            (2..=crate::monitor::stats::MAX_EXACT).contains(&self.window),
+            "window",
+            "must be between 2 and 10000",
+        );
+        check(self.check_every > 0, "check_every", "must be positive");
+        check(
+            (2..=self.window.max(2)).contains(&self.min_samples),
+            "min_samples",
+            "must be between 2 and monitoring.window",
+        );
+        check(
+            self.ks_p_value > 0.0 && self.ks_p_value < 1.0,
+            "ks_p_value",
+            "must be between 0 and 1",
+        );
+        check(self.psi >= 0.0, "psi", "must not be negative");
+        check(
+            self.positive_rate_tolerance > 0.0,
+            "positive_rate_tolerance",
+            "must be positive",
+        );
+        check(
+            (0.0..=1.0).contains(&self.auc_floor),
+            "auc_floor",
+            "must be between 0 and 1",
+        );
+        check(self.label_window > 0, "label_window", "must be positive");
+        check(self.raise_after > 0, "raise_after", "must be at least 1");
+        check(self.clear_after > 0, "clear_after", "must be at least 1");
+        if let Err(e) = parse_duration(&self.cooldown) {
+            problems.push(Problem::new("monitoring.cooldown", e));
+        }
     }
 }
 

@@ -62,6 +62,29 @@ pub struct ModelMeta {
     pub positive_index: usize,
     #[serde(default = "default_threshold")]
     pub threshold: f64,
+    /// Training-time distributions, the baseline of drift monitoring.
+    #[serde(default)]
+    pub reference: Option<Reference>,
+}
+
+/// `model.json`'s `reference`: per feature and for the score, percentiles and a sample
+/// of training values, and the training label rate.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Reference {
+    #[serde(default)]
+    pub features: std::collections::BTreeMap<String, Distribution>,
+    #[serde(default)]
+    pub score: Option<Distribution>,
+    #[serde(default)]
+    pub positive_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Distribution {
+    #[serde(default)]
+    pub quantiles: Vec<f64>,
+    #[serde(default)]
+    pub sample: Vec<f64>,
 }
 
 fn default_input() -> String {
@@ -130,9 +153,7 @@ impl Model {
             path: onnx_path.clone(),
             message: format!("{e:#}"),
         };
-        let mut model = tree::onnx()
-            .model_for_path(&onnx_path)
-            .map_err(load_err)?;
+        let mut model = tree::onnx().model_for_path(&onnx_path).map_err(load_err)?;
         let batch = model.sym("N");
         let width = meta.features.len();
         let declared = model

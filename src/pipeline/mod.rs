@@ -131,7 +131,8 @@ impl WorkerSettings {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "5000");
         for (key, value) in &self.topology.kafka.consumer {
             config.set(key, value.to_string());
         }
@@ -164,6 +165,8 @@ pub struct Shared {
     pub experiment: Option<Experiment>,
     /// Where scored batches go for the shadow models, when the topology names any.
     pub shadow: Option<ShadowQueue>,
+    /// Where scored rows and settled labels go for drift and quality monitoring.
+    pub monitor: Option<crate::monitor::MonitorHandle>,
     pub codec: Codec,
     pub predictions_topic: String,
     pub predictions_codec: Codec,
@@ -266,7 +269,7 @@ pub async fn run_worker(
         topology.alerts_topic(),
         Some(producer.clone()),
     );
-    let (manager, models) = ModelManager::start(topology, registry, alerts).await?;
+    let (manager, models) = ModelManager::start(topology, registry, alerts.clone()).await?;
     let manager_stop = Arc::new(tokio::sync::Notify::new());
     let manager_task = {
         let stop = Arc::clone(&manager_stop);
@@ -302,6 +305,34 @@ pub async fn run_worker(
     };
 
     let store = StateStore::open(&settings.state_dir, topology.state_hash())?;
+    let (monitor, monitor_task) = if topology.monitoring.enabled {
+        let variants = match &topology.experiment {
+            Some(e) => e.arms.iter().map(|a| a.name.clone()).collect(),
+            None => vec!["champion".to_owned()],
+        };
+        let (handle, task) = crate::monitor::start(
+            topology.monitoring.clone(),
+            features.names().to_vec(),
+            variants,
+            models.clone(),
+            alerts.clone(),
+        );
+        (Some(handle), Some(task))
+    } else {
+        (None, None)
+    };
+    let disk_gauge = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let gauge = metrics::gauge!(crate::metrics::STATE_DISK_BYTES);
+            loop {
+                if let Some(bytes) = store.size_on_disk() {
+                    gauge.set(bytes as f64);
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        })
+    };
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let mirror_stop = Arc::new(AtomicBool::new(false));
@@ -328,6 +359,7 @@ pub async fn run_worker(
         models,
         experiment: Experiment::from_topology(topology),
         shadow,
+        monitor,
         codec: topology.source_codec(),
         predictions_topic: topology.sinks.predictions.topic.clone(),
         predictions_codec: topology.predictions_codec(),
@@ -367,12 +399,22 @@ pub async fn run_worker(
         .await
         .map_err(|e| WorkerError::Other(format!("consumer thread failed: {e}")))?;
     drop(shared);
+    disk_gauge.abort();
+    if let Some(thread) = monitor_task {
+        // Ends once the partitions' handles are gone.
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        let _ = tokio::time::timeout(Duration::from_secs(5), joined).await;
+    }
     manager_stop.notify_one();
     let _ = manager_task.await;
     if let Some(thread) = shadow_thread {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
-    producer.flush(Duration::from_secs(10))?;
+    // Every prediction and dead letter was acknowledged by the partitions' final
+    // checkpoints; what may remain are best-effort records (alerts, shadow predictions).
+    if let Err(e) = producer.flush(Duration::from_secs(10)) {
+        tracing::warn!(error = %e, "best-effort records (alerts, shadow predictions) not delivered at shutdown");
+    }
     mirror_stop.store(true, Ordering::SeqCst);
     if let Some(task) = mirror_task {
         let _ = task.await;

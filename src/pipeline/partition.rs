@@ -14,8 +14,9 @@ use super::{ExperimentMode, PartitionError, Shared};
 use crate::codec::{decode_event, now_ms, Event, EventType, Reason, Rejection};
 use crate::features::Scratch;
 use crate::metrics as m;
+use crate::monitor::{Labeled, MonitorInput};
 use crate::online_store::FeatureUpdate;
-use crate::serving::experiment::{decode_pending, encode_pending, Bandit, Posteriors};
+use crate::serving::experiment::{decode_pending, encode_pending, Bandit, ClickJoin, Posteriors};
 use crate::serving::shadow::{ShadowBatch, ShadowEvent};
 use crate::serving::ModelSet;
 use crate::sink::{dead_letter_headers, encode_prediction, PendingDeliveries, Prediction};
@@ -33,6 +34,17 @@ pub enum PartitionInput {
 
 /// Most unacknowledged outputs a partition keeps before it waits for acks.
 const MAX_PENDING: usize = 50_000;
+/// Most impressions waiting for a quality label per partition.
+const MAX_PENDING_LABELS: usize = 1_000_000;
+
+/// Pipeline stages timed per batch (decode, state and features on every 8th record).
+const STAGES: [&str; 5] = ["decode", "state", "features", "score", "produce"];
+const DECODE: usize = 0;
+const STATE: usize = 1;
+const FEATURES: usize = 2;
+const SCORE: usize = 3;
+const PRODUCE: usize = 4;
+const SAMPLE_EVERY: u32 = 8;
 
 struct HotUser {
     state: UserState,
@@ -75,6 +87,17 @@ pub struct PartitionTask {
     /// The model set the last batch used.
     models: Arc<ModelSet>,
     bandit: Option<Bandit>,
+    /// The label join for quality monitoring: (model version, arm, score) per impression.
+    quality: Option<ClickJoin<(u32, u8, f32)>>,
+    /// This batch's clicks (offset, user, item, ts), joined after scoring.
+    batch_clicks: Vec<(i64, String, String, i64)>,
+    batch_max_ts: i64,
+    /// Nanoseconds per stage in this batch, and whether this record is timed.
+    stage_ns: [u64; 5],
+    stage_histograms: Vec<metrics::Histogram>,
+    timed: bool,
+    records_seen: u32,
+    hot_bytes_gauge: metrics::Gauge,
     /// Row indices of each arm in the current batch, and their scores (reused).
     arm_rows: Vec<Vec<usize>>,
     arm_input: Vec<f64>,
@@ -119,7 +142,21 @@ impl PartitionTask {
             e2e_histogram: metrics::histogram!(m::E2E_LATENCY),
             batch_histogram: metrics::histogram!(m::BATCH_ROWS),
             checkpoint_histogram: metrics::histogram!(m::CHECKPOINT_SECONDS, "partition" => p.clone()),
-            hot_users_gauge: metrics::gauge!(m::HOT_USERS, "partition" => p),
+            hot_users_gauge: metrics::gauge!(m::HOT_USERS, "partition" => p.clone()),
+            hot_bytes_gauge: metrics::gauge!(m::HOT_STATE_BYTES, "partition" => p),
+            quality: shared
+                .monitor
+                .is_some()
+                .then(|| ClickJoin::in_memory(shared.features.lateness_ms(), MAX_PENDING_LABELS)),
+            batch_clicks: Vec::new(),
+            batch_max_ts: i64::MIN,
+            stage_ns: [0; 5],
+            stage_histograms: STAGES
+                .iter()
+                .map(|stage| metrics::histogram!(m::STAGE_SECONDS, "stage" => *stage))
+                .collect(),
+            timed: false,
+            records_seen: 0,
             models,
             bandit,
             arm_rows: vec![Vec::new(); arms],
@@ -189,12 +226,25 @@ impl PartitionTask {
             self.events_counter.increment(1);
             self.shared.stats.events.fetch_add(1, Relaxed);
             let received_us = now_us();
-            match self.decode(record, now) {
+            self.records_seen = self.records_seen.wrapping_add(1);
+            self.timed = self.records_seen % SAMPLE_EVERY == 0;
+            let started = self.timed.then(Instant::now);
+            let decoded = self.decode(record, now);
+            if let Some(t) = started {
+                self.stage_ns[DECODE] += t.elapsed().as_nanos() as u64 * u64::from(SAMPLE_EVERY);
+            }
+            match decoded {
                 Ok(event) => self.apply(event, record, received_us).await?,
                 Err(rejection) => self.dead_letter(record, &rejection).await,
             }
         }
         self.score_and_emit().await?;
+        for (ns, histogram) in self.stage_ns.iter_mut().zip(&self.stage_histograms) {
+            if *ns > 0 {
+                histogram.record(*ns as f64 / 1e9);
+                *ns = 0;
+            }
+        }
         if self.pending.len() > MAX_PENDING {
             self.pending.wait_all().await?;
         }
@@ -240,6 +290,7 @@ impl PartitionTask {
         record: &OwnedMessage,
         received_us: i64,
     ) -> Result<(), PartitionError> {
+        let started = self.timed.then(Instant::now);
         if !self.users.contains_key(&event.user_id) {
             let state = match self.store.load_user(&event.user_id)? {
                 Some(state) if self.shared.features.fits(&state) => state,
@@ -263,12 +314,18 @@ impl PartitionTask {
         }
         let user = self.users.get_mut(&event.user_id).expect("inserted above");
         user.touched = Instant::now();
+        let loaded = self.timed.then(Instant::now);
         let applied = self.shared.features.apply_event(
             &mut user.state,
             &event,
             &mut self.values,
             &mut self.scratch,
         );
+        if let (Some(started), Some(loaded)) = (started, loaded) {
+            let scale = u64::from(SAMPLE_EVERY);
+            self.stage_ns[STATE] += (loaded - started).as_nanos() as u64 * scale;
+            self.stage_ns[FEATURES] += loaded.elapsed().as_nanos() as u64 * scale;
+        }
         if let Err(late) = applied {
             let detail = format!(
                 "event ts {} is {} ms behind the user's newest event (allowed lateness {} ms)",
@@ -301,6 +358,15 @@ impl PartitionTask {
         if !user.dirty {
             user.dirty = true;
             self.dirty.push(event.user_id.clone());
+        }
+        self.batch_max_ts = self.batch_max_ts.max(event.ts);
+        if self.quality.is_some() && event.kind == EventType::Click {
+            self.batch_clicks.push((
+                record.offset(),
+                event.user_id.clone(),
+                event.item_id.clone(),
+                event.ts,
+            ));
         }
         if let Some(bandit) = &mut self.bandit {
             let expired = bandit.advance(event.ts);
@@ -403,6 +469,7 @@ impl PartitionTask {
 
     async fn score_and_emit(&mut self) -> Result<(), PartitionError> {
         if self.scored.is_empty() {
+            self.join_labels(None);
             return Ok(());
         }
         let shared = Arc::clone(&self.shared);
@@ -421,6 +488,7 @@ impl PartitionTask {
         }
         let stride = shared.features.len();
         self.scores.clear();
+        let scoring = Instant::now();
         if self.arm_rows.len() == 1 {
             for chunk in self.rows.chunks(shared.max_batch * stride) {
                 self.batch_histogram.record((chunk.len() / stride) as f64);
@@ -431,6 +499,8 @@ impl PartitionTask {
         } else {
             self.score_by_arm(&models, stride)?;
         }
+        self.stage_ns[SCORE] += scoring.elapsed().as_nanos() as u64;
+        let producing = Instant::now();
         let variants: Vec<&str> = match &shared.experiment {
             Some(e) => e.arms.iter().map(String::as_str).collect(),
             None => vec!["champion"],
@@ -478,12 +548,22 @@ impl PartitionTask {
                 .entry((meta.version, scored.arm))
                 .or_insert_with(|| {
                     metrics::counter!(m::PREDICTIONS, "model" => meta.name.clone(),
-                        "version" => meta.version.to_string(), "variant" => variants[scored.arm].to_owned())
+                        "version" => meta.version.to_string(), "variant" => variants[scored.arm].to_owned(),
+                        "topic" => shared.predictions_topic.clone(), "partition" => self.partition.to_string())
                 })
                 .increment(1);
         }
+        self.stage_ns[PRODUCE] += producing.elapsed().as_nanos() as u64;
         let n = self.scored.len() as u64;
         shared.stats.predictions.fetch_add(n, Relaxed);
+        if let Some(monitor) = &shared.monitor {
+            monitor.offer(MonitorInput::Rows {
+                rows: self.rows.clone(),
+                scores: self.scores.clone(),
+                max_ts: self.batch_max_ts,
+            });
+        }
+        self.join_labels(Some(&models));
         if let Some(queue) = &shared.shadow {
             if !models.shadows.is_empty() {
                 let served = self
@@ -513,6 +593,45 @@ impl PartitionTask {
         self.scored.clear();
         self.rows.clear();
         Ok(())
+    }
+
+    /// The quality label join, in offset order over this batch: impressions wait with
+    /// their score; clicks and the advancing event time settle them; settled labels go
+    /// to the monitor. Kept in memory only: after a restart, impressions that were
+    /// waiting are not labelled.
+    fn join_labels(&mut self, models: Option<&ModelSet>) {
+        let Some(join) = self.quality.as_mut() else {
+            return;
+        };
+        let mut labeled = Vec::new();
+        let mut settle = |p: &(u32, u8, f32), label: bool| {
+            labeled.push(Labeled {
+                version: p.0,
+                arm: p.1,
+                score: f64::from(p.2),
+                label,
+            })
+        };
+        let mut clicks = self.batch_clicks.drain(..).peekable();
+        if let Some(models) = models {
+            for (s, score) in self.scored.iter().zip(&self.scores) {
+                while let Some((_, user, item, ts)) = clicks.next_if(|c| c.0 < s.offset) {
+                    join.click(&user, &item, ts, &mut settle);
+                }
+                if s.event.kind == EventType::Impression {
+                    let version = models.scorer(s.arm).meta.version;
+                    let payload = (version, s.arm as u8, *score as f32);
+                    join.impression(&s.event.user_id, &s.event.item_id, s.event.ts, payload);
+                }
+            }
+        }
+        for (_, user, item, ts) in clicks {
+            join.click(&user, &item, ts, &mut settle);
+        }
+        join.advance(self.batch_max_ts, &mut settle);
+        if let (false, Some(monitor)) = (labeled.is_empty(), &self.shared.monitor) {
+            monitor.offer(MonitorInput::Labels(labeled));
+        }
     }
 
     /// Scores each arm's rows with the arm's model, then puts the scores back in row
@@ -607,6 +726,12 @@ impl PartitionTask {
             .record(started.elapsed().as_secs_f64());
         self.evict_idle();
         self.hot_users_gauge.set(self.users.len() as f64);
+        self.hot_bytes_gauge.set(
+            self.users
+                .iter()
+                .map(|(id, u)| id.len() + u.state.approx_bytes())
+                .sum::<usize>() as f64,
+        );
         Ok(())
     }
 
@@ -654,7 +779,7 @@ fn restore_bandit(
     let mut restored = 0;
     for (user, bytes) in pending {
         match decode_pending(&bytes) {
-            Some(list) if list.iter().all(|r| (r.arm as usize) < arms) => {
+            Some(list) if list.iter().all(|r| (r.payload as usize) < arms) => {
                 restored += list.len();
                 bandit.restore_user(user, list);
             }

@@ -159,117 +159,131 @@ fn gamma(rng: &mut Rng, shape: f64) -> f64 {
     }
 }
 
-/// An impression waiting for its reward.
+/// An impression waiting for its reward (or label), with what to credit it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingReward {
+pub struct Pending<T> {
     pub item: String,
     pub ts: i64,
-    pub arm: u8,
+    pub payload: T,
 }
 
-/// What the reward join did with one event, for metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Settled {
-    pub clicks: u64,
-    pub expired: u64,
-}
+/// A bandit impression: the arm that served it.
+pub type PendingReward = Pending<u8>;
 
-/// A partition's bandit: posteriors plus the impressions waiting for a click or for
-/// their window to pass. A reward 1 is settled by the matching click; a reward 0 once
-/// the partition's event time passes the impression's time + 30 min + the allowed
-/// lateness, so a click that is late but within the lateness still counts.
+/// The in-stream click join of SCENARIO.md, per partition. An impression of item i at
+/// time t settles as 1 when the same user clicks i in (t, t + 30 min], and as 0 once
+/// the partition's event time passes t + 30 min + the allowed lateness, so a click that
+/// is late but within the lateness still counts.
 #[derive(Debug)]
-pub struct Bandit {
-    pub posteriors: Posteriors,
-    pending: HashMap<String, Vec<PendingReward>>,
+pub struct ClickJoin<T> {
+    pending: HashMap<String, Vec<Pending<T>>>,
     deadlines: BinaryHeap<Reverse<(i64, String)>>,
     count: usize,
-    /// Users whose pending list changed since the last checkpoint.
+    /// Users whose pending list changed since the last [`ClickJoin::take_changes`].
     dirty: HashSet<String>,
-    posteriors_dirty: bool,
     max_ts: i64,
     settle_after_ms: i64,
     max_pending: usize,
+    /// Whether changes are tracked for checkpoints.
+    track: bool,
 }
 
-impl Bandit {
-    pub fn new(arms: usize, lateness_ms: i64, max_pending: usize) -> Bandit {
-        Bandit {
-            posteriors: Posteriors::new(arms),
+impl<T: Clone> ClickJoin<T> {
+    /// A join whose changes are tracked for checkpointing.
+    pub fn new(lateness_ms: i64, max_pending: usize) -> ClickJoin<T> {
+        ClickJoin {
             pending: HashMap::new(),
             deadlines: BinaryHeap::new(),
             count: 0,
             dirty: HashSet::new(),
-            posteriors_dirty: false,
             max_ts: i64::MIN,
             settle_after_ms: REWARD_WINDOW_MS + lateness_ms,
             max_pending,
+            track: true,
         }
     }
 
-    /// Impressions waiting for their reward.
+    /// A join kept in memory only (nothing to checkpoint).
+    pub fn in_memory(lateness_ms: i64, max_pending: usize) -> ClickJoin<T> {
+        ClickJoin {
+            track: false,
+            ..Self::new(lateness_ms, max_pending)
+        }
+    }
+
+    fn touched(&mut self, user: &str) {
+        if self.track {
+            self.dirty.insert(user.to_owned());
+        }
+    }
+
+    /// Impressions waiting.
     pub fn pending(&self) -> usize {
         self.count
     }
 
-    /// Restores one user's pending rewards from a checkpoint.
-    pub fn restore_user(&mut self, user: String, rewards: Vec<PendingReward>) {
-        for r in &rewards {
+    /// Restores one user's pending impressions from a checkpoint.
+    pub fn restore_user(&mut self, user: String, list: Vec<Pending<T>>) {
+        for r in &list {
             self.deadlines
                 .push(Reverse((r.ts + self.settle_after_ms, user.clone())));
             self.max_ts = self.max_ts.max(r.ts);
         }
-        self.count += rewards.len();
-        self.pending.insert(user, rewards);
+        self.count += list.len();
+        self.pending.insert(user, list);
     }
 
-    /// Records an impression scored by `arm`; false when the pending set is full and
-    /// the impression is not tracked.
-    pub fn impression(&mut self, user: &str, item: &str, ts: i64, arm: usize) -> bool {
+    /// Records an impression; false when the pending set is full and it is not tracked.
+    pub fn impression(&mut self, user: &str, item: &str, ts: i64, payload: T) -> bool {
         if self.count >= self.max_pending {
             return false;
         }
         self.pending
             .entry(user.to_owned())
             .or_default()
-            .push(PendingReward {
+            .push(Pending {
                 item: item.to_owned(),
                 ts,
-                arm: arm as u8,
+                payload,
             });
         self.deadlines
             .push(Reverse((ts + self.settle_after_ms, user.to_owned())));
         self.count += 1;
-        self.dirty.insert(user.to_owned());
+        self.touched(user);
         true
     }
 
-    /// A click: every pending impression of the same item in [ts - 30 min, ts) earns 1.
-    pub fn click(&mut self, user: &str, item: &str, ts: i64) -> u64 {
+    /// A click: every pending impression of the same item in [ts − 30 min, ts) settles
+    /// as 1. Returns how many did.
+    pub fn click(
+        &mut self,
+        user: &str,
+        item: &str,
+        ts: i64,
+        mut settle: impl FnMut(&T, bool),
+    ) -> u64 {
         let Some(list) = self.pending.get_mut(user) else {
             return 0;
         };
         let before = list.len();
-        let posteriors = &mut self.posteriors;
         list.retain(|r| {
             let hit = r.item == item && r.ts < ts && ts <= r.ts + REWARD_WINDOW_MS;
             if hit {
-                posteriors.reward(r.arm as usize, true);
+                settle(&r.payload, true);
             }
             !hit
         });
-        let settled = (before - list.len()) as u64;
+        let settled = before - list.len();
         if settled > 0 {
-            self.count -= settled as usize;
-            self.dirty.insert(user.to_owned());
-            self.posteriors_dirty = true;
+            self.count -= settled;
+            self.touched(user);
         }
-        settled
+        settled as u64
     }
 
     /// Moves the partition's event time to `ts`; impressions whose window (plus the
-    /// lateness) has passed earn 0. Returns how many settled.
-    pub fn advance(&mut self, ts: i64) -> u64 {
+    /// lateness) has passed settle as 0. Returns how many did.
+    pub fn advance(&mut self, ts: i64, mut settle: impl FnMut(&T, bool)) -> u64 {
         if ts <= self.max_ts {
             return 0;
         }
@@ -284,11 +298,11 @@ impl Bandit {
                 continue;
             };
             let before = list.len();
-            let (settle_after, posteriors) = (self.settle_after_ms, &mut self.posteriors);
+            let settle_after = self.settle_after_ms;
             list.retain(|r| {
                 let done = r.ts + settle_after < ts;
                 if done {
-                    posteriors.reward(r.arm as usize, false);
+                    settle(&r.payload, false);
                 }
                 !done
             });
@@ -296,8 +310,9 @@ impl Bandit {
             if n > 0 {
                 expired += n as u64;
                 self.count -= n;
-                self.dirty.insert(user.clone());
-                self.posteriors_dirty = true;
+                if self.track {
+                    self.dirty.insert(user.clone());
+                }
             }
             if list.is_empty() {
                 self.pending.remove(&user);
@@ -306,18 +321,75 @@ impl Bandit {
         expired
     }
 
-    /// The users whose pending list changed, with their current list (empty: delete),
-    /// and whether the posteriors changed; clears the change marks.
-    pub fn take_changes(&mut self) -> (Vec<(String, Vec<PendingReward>)>, bool) {
-        let users = self
-            .dirty
-            .drain()
+    /// The users whose pending list changed, with their current list (empty: delete);
+    /// clears the change marks.
+    pub fn take_changes(&mut self) -> Vec<(String, Vec<Pending<T>>)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
             .map(|u| {
                 let list = self.pending.get(&u).cloned().unwrap_or_default();
                 (u, list)
             })
-            .collect();
-        (users, std::mem::take(&mut self.posteriors_dirty))
+            .collect()
+    }
+}
+
+/// A partition's Thompson-sampling bandit: posteriors plus the click join that settles
+/// its rewards.
+#[derive(Debug)]
+pub struct Bandit {
+    pub posteriors: Posteriors,
+    pub join: ClickJoin<u8>,
+    posteriors_dirty: bool,
+}
+
+impl Bandit {
+    pub fn new(arms: usize, lateness_ms: i64, max_pending: usize) -> Bandit {
+        Bandit {
+            posteriors: Posteriors::new(arms),
+            join: ClickJoin::new(lateness_ms, max_pending),
+            posteriors_dirty: false,
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.join.pending()
+    }
+
+    /// Records an impression served by `arm`; false when it is not tracked.
+    pub fn impression(&mut self, user: &str, item: &str, ts: i64, arm: usize) -> bool {
+        self.join.impression(user, item, ts, arm as u8)
+    }
+
+    pub fn click(&mut self, user: &str, item: &str, ts: i64) -> u64 {
+        let posteriors = &mut self.posteriors;
+        let n = self
+            .join
+            .click(user, item, ts, |arm, r| posteriors.reward(*arm as usize, r));
+        self.posteriors_dirty |= n > 0;
+        n
+    }
+
+    pub fn advance(&mut self, ts: i64) -> u64 {
+        let posteriors = &mut self.posteriors;
+        let n = self
+            .join
+            .advance(ts, |arm, r| posteriors.reward(*arm as usize, r));
+        self.posteriors_dirty |= n > 0;
+        n
+    }
+
+    /// Changed users' pending rewards, and whether the posteriors changed.
+    pub fn take_changes(&mut self) -> (Vec<(String, Vec<PendingReward>)>, bool) {
+        (
+            self.join.take_changes(),
+            std::mem::take(&mut self.posteriors_dirty),
+        )
+    }
+
+    pub fn restore_user(&mut self, user: String, list: Vec<PendingReward>) {
+        self.join.restore_user(user, list);
     }
 }
 
@@ -328,7 +400,7 @@ pub fn encode_pending(list: &[PendingReward], out: &mut Vec<u8>) {
         out.extend_from_slice(&(r.item.len() as u32).to_be_bytes());
         out.extend_from_slice(r.item.as_bytes());
         out.extend_from_slice(&r.ts.to_be_bytes());
-        out.push(r.arm);
+        out.push(r.payload);
     }
 }
 
@@ -348,7 +420,11 @@ pub fn decode_pending(mut bytes: &[u8]) -> Option<Vec<PendingReward>> {
         let item = String::from_utf8(take(&mut bytes, len)?.to_vec()).ok()?;
         let ts = i64::from_be_bytes(take(&mut bytes, 8)?.try_into().ok()?);
         let arm = take(&mut bytes, 1)?[0];
-        list.push(PendingReward { item, ts, arm });
+        list.push(PendingReward {
+            item,
+            ts,
+            payload: arm,
+        });
     }
     bytes.is_empty().then_some(list)
 }
@@ -472,12 +548,12 @@ mod tests {
             PendingReward {
                 item: "ü-item".into(),
                 ts: -5,
-                arm: 2,
+                payload: 2,
             },
             PendingReward {
                 item: String::new(),
                 ts: i64::MAX,
-                arm: 0,
+                payload: 0,
             },
         ];
         let mut bytes = Vec::new();

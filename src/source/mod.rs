@@ -74,7 +74,20 @@ struct SourceContext {
     ready: Arc<AtomicBool>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// Consumer lag per partition, from librdkafka's statistics (every 5 s).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (name, topic) in &statistics.topics {
+            for (partition, p) in &topic.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => name.clone(), "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn rebalance(

@@ -82,6 +82,11 @@ impl StateStore {
         })
     }
 
+    /// Bytes the database takes on disk, if sled can tell.
+    pub fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
+
     /// The store of one input partition.
     pub fn partition(&self, topic: &str, partition: i32) -> Result<PartitionStore, StoreError> {
         let tree = self
