@@ -288,9 +288,11 @@ mod tests {
         let (before, after) = rate(Drift::Clicks(3.0));
         assert!(clicks(&after) > 2.0 * clicks(&before));
         let (before, after) = rate(Drift::Categories);
+        // Clicks follow earlier impressions, so only new items show the narrowed mix.
         let categories = |events: &[Event]| {
             events
                 .iter()
+                .filter(|e| e.kind != EventType::Click)
                 .map(|e| e.category.clone())
                 .collect::<std::collections::BTreeSet<_>>()
                 .len()

@@ -237,3 +237,114 @@ fn golden_stream_survives_sigkill() {
     check_against_golden(&predictions);
     check_state_counts(&state, &topics.events);
 }
+
+#[test]
+fn golden_stream_survives_a_kill_loop() {
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let topology = write_topology_with(
+        dir.path(),
+        &topics,
+        "json",
+        &[
+            ("max_poll_interval: 30s", "max_poll_interval: 10s"),
+            ("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{admin}")),
+        ],
+    );
+    let state = dir.path().join("state");
+    let (group, instance) = (unique("g"), unique("i"));
+    let events = golden_events();
+    let producer = broker.producer();
+    let slices: Vec<&[(String, String)]> = events.chunks(events.len() / 6 + 1).collect();
+    // SIGKILL at seeded random points after the worker has its partitions back: in the
+    // middle of the slice, between checkpoints (every 1 s), or idle.
+    let mut rng = augur::gen::Rng::new(20261127);
+    let started = Instant::now();
+    let mut kills = Vec::new();
+    for slice in &slices[..5] {
+        let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !http_get(admin, "/readyz").starts_with("HTTP/1.1 200") {
+            assert!(Instant::now() < deadline, "not ready after 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        produce_keyed(&producer, &topics.events, slice);
+        let after = Duration::from_millis(rng.below(1_500));
+        std::thread::sleep(after);
+        augur.kill();
+        kills.push(after);
+    }
+    let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
+    produce_keyed(&producer, &topics.events, slices[5]);
+    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(240));
+    assert!(augur.terminate(Duration::from_secs(30)));
+    eprintln!(
+        "5 SIGKILLs at {kills:?} after producing each slice; stream done in {:?}",
+        started.elapsed()
+    );
+    check_against_golden(&predictions);
+    check_state_counts(&state, &topics.events);
+}
+
+#[test]
+fn sigterm_drains_within_the_grace_period_and_the_next_start_re_emits_nothing() {
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+    // A long checkpoint interval: only the drain's final checkpoint can cover the
+    // first half.
+    let topology = write_topology_with(
+        dir.path(),
+        &topics,
+        "json",
+        &[("checkpoint_interval: 1s", "checkpoint_interval: 1h")],
+    );
+    let state = dir.path().join("state");
+    let (group, instance) = (unique("g"), unique("i"));
+    let events = golden_events();
+    let (first, second) = events.split_at(events.len() / 2);
+    let first_impressions = first
+        .iter()
+        .filter(|(_, l)| l.contains("impression"))
+        .count();
+    let producer = broker.producer();
+
+    let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
+    produce_keyed(&producer, &topics.events, first);
+    wait_for(
+        &broker,
+        &topics.predictions,
+        first_impressions,
+        Duration::from_secs(120),
+    );
+    let stopping = Instant::now();
+    assert!(
+        augur.terminate(Duration::from_secs(25)),
+        "SIGTERM: augur did not exit cleanly within the 25 s grace period"
+    );
+    let drain = stopping.elapsed();
+
+    let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
+    produce_keyed(&producer, &topics.events, second);
+    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(120));
+    // Give a wrongly re-emitted copy time to show up before counting.
+    std::thread::sleep(Duration::from_secs(2));
+    let messages = broker.read_topic(
+        &topics.predictions,
+        PARTITIONS,
+        Duration::from_secs(5),
+        |_| false,
+    );
+    assert!(augur.terminate(Duration::from_secs(25)));
+    let all = predictions_by_event(&messages);
+    let re_emitted = all.values().filter(|copies| copies.len() > 1).count();
+    eprintln!("drain took {drain:?}; {re_emitted} predictions re-emitted after the restart");
+    assert_eq!(
+        re_emitted, 0,
+        "the restart re-emitted acknowledged predictions"
+    );
+    check_against_golden(&predictions);
+    check_state_counts(&state, &topics.events);
+}

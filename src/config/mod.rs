@@ -415,6 +415,10 @@ pub struct StateConfig {
     /// Users not touched for this long (processing time) leave the hot map for sled.
     #[serde(default = "default_idle_after")]
     pub idle_after: String,
+    /// On SIGTERM, how long the drain (finish the batch in flight, flush, checkpoint,
+    /// commit, leave) may take; fits Kubernetes' default 30 s termination grace.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: String,
 }
 
 impl Default for StateConfig {
@@ -423,6 +427,7 @@ impl Default for StateConfig {
             dir: default_state_dir(),
             checkpoint_interval: default_checkpoint_interval(),
             idle_after: default_idle_after(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }
@@ -478,6 +483,9 @@ fn default_checkpoint_interval() -> String {
 }
 fn default_idle_after() -> String {
     "10m".into()
+}
+fn default_shutdown_grace() -> String {
+    "25s".into()
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9898".into()
@@ -694,6 +702,11 @@ impl Topology {
             &self.state.checkpoint_interval,
         );
         check_duration(&mut problems, "state.idle_after", &self.state.idle_after);
+        check_duration(
+            &mut problems,
+            "state.shutdown_grace",
+            &self.state.shutdown_grace,
+        );
         if !self.admin.listen.is_empty()
             && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -798,6 +811,10 @@ impl Topology {
 
     pub fn checkpoint_interval(&self) -> Duration {
         parse_duration(&self.state.checkpoint_interval).expect("validated")
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        parse_duration(&self.state.shutdown_grace).expect("validated")
     }
 
     pub fn idle_after(&self) -> Duration {

@@ -394,10 +394,31 @@ pub async fn run_worker(
     };
     ready.store(false, Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
-    tracing::info!("stopping: draining partitions");
-    tokio::task::spawn_blocking(move || source.join())
-        .await
-        .map_err(|e| WorkerError::Other(format!("consumer thread failed: {e}")))?;
+    // The drain: the consumer stops fetching; each partition finishes the records it
+    // was handed, waits until its outputs are acknowledged, checkpoints to sled and has
+    // its offset committed; then the consumer unsubscribes and closes.
+    let grace = topology.shutdown_grace();
+    let started = std::time::Instant::now();
+    tracing::info!(
+        grace_s = grace.as_secs_f64(),
+        "stopping: draining partitions"
+    );
+    let drained = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || source.join()));
+    match drained.await {
+        Ok(joined) => {
+            joined.map_err(|e| WorkerError::Other(format!("consumer thread failed: {e}")))?
+        }
+        Err(_) => {
+            return Err(WorkerError::Other(format!(
+                "the drain did not finish within state.shutdown_grace ({grace:?}); partitions \
+                 that did not checkpoint resume from their last checkpoint"
+            )))
+        }
+    }
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "partitions drained"
+    );
     drop(shared);
     disk_gauge.abort();
     if let Some(thread) = monitor_task {
@@ -412,7 +433,7 @@ pub async fn run_worker(
     }
     // Every prediction and dead letter was acknowledged by the partitions' final
     // checkpoints; what may remain are best-effort records (alerts, shadow predictions).
-    if let Err(e) = producer.flush(Duration::from_secs(10)) {
+    if let Err(e) = producer.flush(Duration::from_secs(2)) {
         tracing::warn!(error = %e, "best-effort records (alerts, shadow predictions) not delivered at shutdown");
     }
     mirror_stop.store(true, Ordering::SeqCst);
