@@ -74,6 +74,11 @@ pub const QUALITY_AUC: &str = "augur_quality_auc";
 pub const QUALITY_LOG_LOSS: &str = "augur_quality_log_loss";
 pub const QUALITY_ACCURACY: &str = "augur_quality_accuracy";
 pub const QUALITY_LABELS: &str = "augur_quality_labels";
+/// 1 while a partition is being restored from the changelog.
+pub const RESTORING: &str = "augur_state_restoring";
+/// Users restored from the changelog, and how long each restore took.
+pub const RESTORED_USERS: &str = "augur_state_restored_users_total";
+pub const RESTORE_SECONDS: &str = "augur_state_restore_duration_seconds";
 /// Time one monitor check takes (every window tested, gauges and alarms updated).
 pub const MONITOR_CHECK_SECONDS: &str = "augur_monitor_check_duration_seconds";
 /// Monitor inputs dropped because the monitor was behind.

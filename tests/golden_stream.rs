@@ -348,3 +348,62 @@ fn sigterm_drains_within_the_grace_period_and_the_next_start_re_emits_nothing() 
     check_against_golden(&predictions);
     check_state_counts(&state, &topics.events);
 }
+
+#[test]
+fn a_worker_without_local_state_restores_from_the_changelog() {
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+    let app = unique("app");
+    broker.create_topic(&format!("{app}-changelog"), PARTITIONS);
+    let topology = write_topology_with(
+        dir.path(),
+        &topics,
+        "json",
+        &[("app: ctr", &format!("app: {app}"))],
+    );
+    let (group, instance) = (unique("g"), unique("i"));
+    let events = golden_events();
+    let (first, second) = events.split_at(events.len() / 2);
+    let first_impressions = first
+        .iter()
+        .filter(|(_, l)| l.contains("impression"))
+        .count();
+    let producer = broker.producer();
+
+    // The first pod: processes the first half, drains, and its disk is lost.
+    let old_state = dir.path().join("pod-a");
+    let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &old_state);
+    produce_keyed(&producer, &topics.events, first);
+    wait_for(
+        &broker,
+        &topics.predictions,
+        first_impressions,
+        Duration::from_secs(120),
+    );
+    assert!(augur.terminate(Duration::from_secs(25)));
+    std::fs::remove_dir_all(&old_state).unwrap();
+
+    // The next pod starts empty: it must restore the state from the changelog and go
+    // on from there, not replay the input from the beginning.
+    let new_state = dir.path().join("pod-b");
+    let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &new_state);
+    produce_keyed(&producer, &topics.events, second);
+    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let messages = broker.read_topic(
+        &topics.predictions,
+        PARTITIONS,
+        Duration::from_secs(5),
+        |_| false,
+    );
+    assert!(augur.terminate(Duration::from_secs(25)));
+    let re_emitted = predictions_by_event(&messages)
+        .values()
+        .filter(|copies| copies.len() > 1)
+        .count();
+    eprintln!("{re_emitted} predictions re-emitted after the restore");
+    assert_eq!(re_emitted, 0, "the input was replayed instead of restored");
+    check_against_golden(&predictions);
+    check_state_counts(&new_state, &topics.events);
+}

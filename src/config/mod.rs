@@ -783,6 +783,11 @@ impl Topology {
         }
     }
 
+    /// The changelog topic, partitioned like the input (see `state::changelog`).
+    pub fn changelog_topic(&self) -> String {
+        format!("{}-changelog", self.app)
+    }
+
     /// The control topic every worker reads (model alias changes).
     pub fn control_topic(&self) -> String {
         format!("{}-control", self.app)

@@ -38,6 +38,12 @@ pub enum PartitionError {
     Model(#[from] ModelError),
     #[error("partition {partition}: stored state of user {user:?} does not match the topology's features")]
     StateShape { partition: i32, user: String },
+    #[error("restoring partition {partition} from {topic}: {source}")]
+    Restore {
+        topic: String,
+        partition: i32,
+        source: rdkafka::error::KafkaError,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +146,28 @@ impl WorkerSettings {
     }
 }
 
+/// The changelog topic if it exists; otherwise says what that means, once.
+async fn find_changelog(
+    settings: &WorkerSettings,
+    producer: &OutputProducer,
+) -> Option<(String, ClientConfig)> {
+    let topic = settings.topology.changelog_topic();
+    let found = {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || producer.has_topic(&topic, Duration::from_secs(5)))
+            .await
+            .unwrap_or(false)
+    };
+    if !found {
+        tracing::warn!(topic, "no changelog topic: state is not written to one, and a partition without local state is rebuilt by replaying its input from the beginning");
+        return None;
+    }
+    tracing::info!(topic, "writing state changes to the changelog");
+    let mut config = settings.client_config(&settings.topology.kafka.consumer);
+    config.set("group.id", format!("{}-restore", settings.group));
+    Some((topic, config))
+}
+
 /// The host name: on a Kubernetes StatefulSet, the pod name, which makes a stable
 /// `group.instance.id`.
 pub fn default_instance_id() -> String {
@@ -167,6 +195,8 @@ pub struct Shared {
     pub shadow: Option<ShadowQueue>,
     /// Where scored rows and settled labels go for drift and quality monitoring.
     pub monitor: Option<crate::monitor::MonitorHandle>,
+    /// The changelog topic, when it exists, and the client settings to restore from it.
+    pub changelog: Option<(String, ClientConfig)>,
     pub codec: Codec,
     pub predictions_topic: String,
     pub predictions_codec: Codec,
@@ -360,6 +390,7 @@ pub async fn run_worker(
         experiment: Experiment::from_topology(topology),
         shadow,
         monitor,
+        changelog: find_changelog(&settings, &producer).await,
         codec: topology.source_codec(),
         predictions_topic: topology.sinks.predictions.topic.clone(),
         predictions_codec: topology.predictions_codec(),

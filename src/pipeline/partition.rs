@@ -681,6 +681,7 @@ impl PartitionTask {
             return Ok(());
         }
         let started = Instant::now();
+        self.write_changelog(next_offset).await;
         self.pending.wait_all().await?;
         let users = &self.users;
         let dirty = self
@@ -733,6 +734,51 @@ impl PartitionTask {
                 .sum::<usize>() as f64,
         );
         Ok(())
+    }
+
+    /// Each changed user's state, then the marker with the offset they are valid at;
+    /// acknowledged with the other outputs before the checkpoint reaches sled.
+    async fn write_changelog(&mut self, next_offset: i64) {
+        let Some((topic, _)) = &self.shared.changelog else {
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        for user in &self.dirty {
+            let Some(hot) = self.users.get(user) else {
+                continue;
+            };
+            self.buffer.clear();
+            crate::state::encode_user_state(&hot.state, &mut self.buffer);
+            shared
+                .producer
+                .send_to(
+                    topic,
+                    Some(self.partition),
+                    Some(user.as_bytes()),
+                    &self.buffer,
+                    None,
+                    &mut self.pending,
+                    "changelog",
+                )
+                .await;
+        }
+        let offset = next_offset.to_string();
+        let marker = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: crate::state::changelog::OFFSET_HEADER,
+            value: Some(offset.as_str()),
+        });
+        shared
+            .producer
+            .send_to(
+                topic,
+                Some(self.partition),
+                None,
+                b"",
+                Some(marker),
+                &mut self.pending,
+                "changelog",
+            )
+            .await;
     }
 
     fn evict_idle(&mut self) {

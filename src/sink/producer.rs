@@ -58,7 +58,26 @@ impl OutputProducer {
         pending: &mut PendingDeliveries,
         kind: &'static str,
     ) {
+        self.send_to(topic, None, key, payload, headers, pending, kind)
+            .await
+    }
+
+    /// Like [`OutputProducer::send`], to a given partition (None: by key).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+        pending: &mut PendingDeliveries,
+        kind: &'static str,
+    ) {
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -87,6 +106,19 @@ impl OutputProducer {
                 }
             }
         }
+    }
+
+    /// Whether the broker knows `topic`.
+    pub fn has_topic(&self, topic: &str, timeout: Duration) -> bool {
+        self.inner
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .ok()
+            .is_some_and(|md| {
+                md.topics()
+                    .iter()
+                    .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            })
     }
 
     /// Flushes everything queued, for shutdown.

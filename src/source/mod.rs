@@ -122,13 +122,22 @@ impl SourceContext {
                 let next = store.next_offset()?;
                 Ok((store, next))
             });
-            let (store, next_offset) = match started {
+            let (mut store, mut next_offset) = match started {
                 Ok(x) => x,
                 Err(e) => {
                     self.shared.report_fatal(PartitionError::Store(e));
                     continue;
                 }
             };
+            if next_offset.is_none() {
+                match self.restore(partition, &mut store) {
+                    Ok(restored) => next_offset = restored,
+                    Err(e) => {
+                        self.shared.report_fatal(e);
+                        continue;
+                    }
+                }
+            }
             let offset = match next_offset {
                 Some(o) => Offset::Offset(o),
                 None => {
@@ -158,6 +167,50 @@ impl SourceContext {
             Ok(()) => self.ready.store(true, Ordering::SeqCst),
             Err(e) => tracing::error!(error = %e, "assign failed"),
         }
+    }
+
+    /// Restores a partition without local state from the changelog into sled; returns
+    /// the offset to resume at (None: nothing in the changelog, replay the input).
+    fn restore(
+        &self,
+        partition: i32,
+        store: &mut crate::state::store::PartitionStore,
+    ) -> Result<Option<i64>, PartitionError> {
+        let Some((topic, config)) = &self.shared.changelog else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        let p = partition.to_string();
+        metrics::gauge!(m::RESTORING, "partition" => p.clone()).set(1.0);
+        let restored = crate::state::changelog::restore(
+            config.clone(),
+            topic,
+            partition,
+            Duration::from_millis(500),
+        );
+        metrics::gauge!(m::RESTORING, "partition" => p.clone()).set(0.0);
+        let restored = restored.map_err(|source| PartitionError::Restore {
+            topic: topic.clone(),
+            partition,
+            source,
+        })?;
+        let Some(next_offset) = restored.next_offset else {
+            return Ok(None);
+        };
+        let users = restored.users.len();
+        store.restore(restored.users.into_iter(), next_offset)?;
+        let took = started.elapsed();
+        metrics::counter!(m::RESTORED_USERS, "partition" => p.clone()).increment(users as u64);
+        metrics::histogram!(m::RESTORE_SECONDS, "partition" => p).record(took.as_secs_f64());
+        tracing::info!(
+            partition,
+            users,
+            records = restored.records,
+            next_offset,
+            took_ms = took.as_millis() as u64,
+            "partition restored from the changelog"
+        );
+        Ok(Some(next_offset))
     }
 
     /// Stops every partition task after its final checkpoint, commits, and unassigns.

@@ -6,6 +6,7 @@
 //! bucket(t)]`, exactly SCENARIO.md's rule. Buckets are kept sorted by id and only where
 //! events fell, so memory follows activity, not window length.
 
+pub mod changelog;
 mod encoding;
 pub mod store;
 

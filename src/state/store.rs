@@ -197,6 +197,28 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Writes users restored from the changelog (already encoded) and the offset they
+    /// are valid at, in one atomic batch, and makes it durable.
+    pub fn restore(
+        &mut self,
+        users: impl Iterator<Item = (String, Vec<u8>)>,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (user, bytes) in users {
+            decode_user_state(&bytes).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                user: user.clone(),
+                source,
+            })?;
+            batch.insert(user_key(&user), bytes);
+        }
+        batch.insert(OFFSET_KEY, &next_offset.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.db.flush().map_err(|e| self.sled_err(e))?;
+        Ok(())
+    }
+
     /// Every stored user and its state, for tools and tests.
     pub fn users(&self) -> impl Iterator<Item = Result<(String, UserState), StoreError>> + '_ {
         self.tree.scan_prefix([USER_PREFIX]).map(move |item| {

@@ -1,0 +1,104 @@
+//! The changelog topic, `<app>-changelog`: partitioned like the input, keyed by user.
+//! Every checkpoint writes each changed user's encoded state, then a marker record (an
+//! empty key) whose `augur.offset` header is the input offset the states are valid at.
+//! All of it is acknowledged before the checkpoint reaches sled and the offset is
+//! committed.
+//!
+//! A worker assigned a partition it has no local state for restores it from there: it
+//! reads the partition from the beginning, keeps the last state per user (the topic
+//! need not be compacted; tansu does not compact), and applies a checkpoint's users
+//! only when its marker follows them, so a checkpoint cut short by a crash is ignored.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// The header carrying the input offset on marker records.
+pub const OFFSET_HEADER: &str = "augur.offset";
+
+/// A partition's state as of its last complete checkpoint in the changelog.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Encoded user states (last one per user wins).
+    pub users: HashMap<String, Vec<u8>>,
+    /// The next input offset; None when the changelog holds no complete checkpoint.
+    pub next_offset: Option<i64>,
+    /// Records read.
+    pub records: u64,
+}
+
+/// Reads partition `partition` of `topic` to its end. tansu reports a high watermark
+/// short of the last batch, so the read goes on until nothing new came for `quiet`.
+pub fn restore(
+    mut config: ClientConfig,
+    topic: &str,
+    partition: i32,
+    quiet: Duration,
+) -> Result<Restored, rdkafka::error::KafkaError> {
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = config.create()?;
+    let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&list)?;
+    let mut restored = Restored::default();
+    let mut pending: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut last_offset = -1i64;
+    let mut last_news = Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                last_news = Instant::now();
+                last_offset = m.offset();
+                restored.records += 1;
+                let key = m.key().unwrap_or_default();
+                if key.is_empty() {
+                    let offset = m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == OFFSET_HEADER)
+                            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                    });
+                    if let Some(offset) = offset {
+                        restored.users.extend(pending.drain());
+                        restored.next_offset = Some(offset);
+                    }
+                } else {
+                    pending.insert(
+                        String::from_utf8_lossy(key).into_owned(),
+                        m.payload().unwrap_or_default().to_vec(),
+                    );
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                if last_offset + 1 >= high && last_news.elapsed() >= quiet {
+                    break;
+                }
+                if last_news.elapsed() >= Duration::from_secs(30) {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        high,
+                        last_offset,
+                        "changelog read stalled; restoring what was read"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    if !pending.is_empty() {
+        tracing::info!(
+            topic,
+            partition,
+            users = pending.len(),
+            "ignoring the changelog's last checkpoint, which has no marker (cut short)"
+        );
+    }
+    Ok(restored)
+}
