@@ -127,6 +127,28 @@ fn wait_for_all(
     wait_for(broker, topic, impression_ids().len(), timeout)
 }
 
+/// Waits for every impression's prediction, gives a wrongly re-emitted copy time to
+/// show up, stops the worker cleanly (so its state is checkpointed) and returns the
+/// predictions with the number of events predicted more than once.
+fn finish_and_count_re_emissions(
+    broker: &Broker,
+    topics: &Topics,
+    augur: Augur,
+) -> (HashMap<String, Vec<serde_json::Value>>, usize) {
+    wait_for_all(broker, &topics.predictions, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let messages = broker.read_topic(
+        &topics.predictions,
+        PARTITIONS,
+        Duration::from_secs(5),
+        |_| false,
+    );
+    assert!(augur.terminate(Duration::from_secs(25)));
+    let predictions = predictions_by_event(&messages);
+    let re_emitted = predictions.values().filter(|c| c.len() > 1).count();
+    (predictions, re_emitted)
+}
+
 #[test]
 fn golden_stream_features_match_pandas() {
     let broker = Broker::start();
@@ -328,18 +350,7 @@ fn sigterm_drains_within_the_grace_period_and_the_next_start_re_emits_nothing() 
 
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
     produce_keyed(&producer, &topics.events, second);
-    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(120));
-    // Give a wrongly re-emitted copy time to show up before counting.
-    std::thread::sleep(Duration::from_secs(2));
-    let messages = broker.read_topic(
-        &topics.predictions,
-        PARTITIONS,
-        Duration::from_secs(5),
-        |_| false,
-    );
-    assert!(augur.terminate(Duration::from_secs(25)));
-    let all = predictions_by_event(&messages);
-    let re_emitted = all.values().filter(|copies| copies.len() > 1).count();
+    let (predictions, re_emitted) = finish_and_count_re_emissions(&broker, &topics, augur);
     eprintln!("drain took {drain:?}; {re_emitted} predictions re-emitted after the restart");
     assert_eq!(
         re_emitted, 0,
@@ -389,19 +400,7 @@ fn a_worker_without_local_state_restores_from_the_changelog() {
     let new_state = dir.path().join("pod-b");
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &new_state);
     produce_keyed(&producer, &topics.events, second);
-    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_secs(2));
-    let messages = broker.read_topic(
-        &topics.predictions,
-        PARTITIONS,
-        Duration::from_secs(5),
-        |_| false,
-    );
-    assert!(augur.terminate(Duration::from_secs(25)));
-    let re_emitted = predictions_by_event(&messages)
-        .values()
-        .filter(|copies| copies.len() > 1)
-        .count();
+    let (predictions, re_emitted) = finish_and_count_re_emissions(&broker, &topics, augur);
     eprintln!("{re_emitted} predictions re-emitted after the restore");
     assert_eq!(re_emitted, 0, "the input was replayed instead of restored");
     check_against_golden(&predictions);

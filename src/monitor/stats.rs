@@ -23,31 +23,22 @@ pub const MAX_EXACT: usize = 10_000;
 /// from the asymptotic Kolmogorov distribution.
 pub fn ks_2samp(a: &[f64], b: &[f64]) -> KsTest {
     let (n, m) = (a.len(), b.len());
-    if n == 0 || m == 0 {
-        return KsTest {
-            statistic: 0.0,
-            p_value: 1.0,
-        };
+    if n == 0 || m == 0 || n.max(m) > MAX_EXACT {
+        return ks_2samp_asymptotic(a, b);
     }
+    // The statistic only takes values k / lcm(n, m); snap it to that lattice.
     let d = ks_statistic(a, b);
-    if n.max(m) <= MAX_EXACT {
-        // The statistic only takes values k / lcm(n, m); snap it to that lattice.
-        let g = gcd(n, m);
-        let lcm = (n / g) as f64 * m as f64;
-        let h = (d * lcm).round_ties_even();
-        let snapped = h / lcm;
-        if h == 0.0 {
-            return KsTest {
-                statistic: snapped,
-                p_value: 1.0,
-            };
-        }
-        return KsTest {
-            statistic: snapped,
-            p_value: exact_exceedance(n, m, h as u64),
-        };
+    let g = gcd(n, m);
+    let lcm = (n / g) as f64 * m as f64;
+    let h = (d * lcm).round_ties_even();
+    KsTest {
+        statistic: h / lcm,
+        p_value: if h == 0.0 {
+            1.0
+        } else {
+            exact_exceedance(n, m, h as u64)
+        },
     }
-    ks_2samp_asymptotic(a, b)
 }
 
 /// The KS test with the asymptotic p-value only (Stephens' approximation of the
