@@ -74,6 +74,8 @@ pub const QUALITY_AUC: &str = "augur_quality_auc";
 pub const QUALITY_LOG_LOSS: &str = "augur_quality_log_loss";
 pub const QUALITY_ACCURACY: &str = "augur_quality_accuracy";
 pub const QUALITY_LABELS: &str = "augur_quality_labels";
+/// Users that left memory because the hot state was over its byte budget.
+pub const BUDGET_EVICTIONS: &str = "augur_state_budget_evictions_total";
 /// 1 while a partition is being restored from the changelog.
 pub const RESTORING: &str = "augur_state_restoring";
 /// Users restored from the changelog, and how long each restore took.

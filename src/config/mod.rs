@@ -419,6 +419,10 @@ pub struct StateConfig {
     /// commit, leave) may take; fits Kubernetes' default 30 s termination grace.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: String,
+    /// Byte budget of the worker's hot state (shared equally by its partitions); over
+    /// it, the least recently touched users leave memory after a checkpoint.
+    #[serde(default = "default_max_hot_bytes")]
+    pub max_hot_bytes: String,
 }
 
 impl Default for StateConfig {
@@ -428,6 +432,7 @@ impl Default for StateConfig {
             checkpoint_interval: default_checkpoint_interval(),
             idle_after: default_idle_after(),
             shutdown_grace: default_shutdown_grace(),
+            max_hot_bytes: default_max_hot_bytes(),
         }
     }
 }
@@ -486,6 +491,9 @@ fn default_idle_after() -> String {
 }
 fn default_shutdown_grace() -> String {
     "25s".into()
+}
+fn default_max_hot_bytes() -> String {
+    "1GiB".into()
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9898".into()
@@ -707,6 +715,11 @@ impl Topology {
             "state.shutdown_grace",
             &self.state.shutdown_grace,
         );
+        match parse_bytes(&self.state.max_hot_bytes) {
+            Ok(0) => problems.push(Problem::new("state.max_hot_bytes", "must be positive")),
+            Ok(_) => {}
+            Err(e) => problems.push(Problem::new("state.max_hot_bytes", e)),
+        }
         if !self.admin.listen.is_empty()
             && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -816,6 +829,10 @@ impl Topology {
 
     pub fn checkpoint_interval(&self) -> Duration {
         parse_duration(&self.state.checkpoint_interval).expect("validated")
+    }
+
+    pub fn max_hot_bytes(&self) -> usize {
+        parse_bytes(&self.state.max_hot_bytes).expect("validated") as usize
     }
 
     pub fn shutdown_grace(&self) -> Duration {

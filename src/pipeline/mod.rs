@@ -206,6 +206,10 @@ pub struct Shared {
     pub max_batch: usize,
     pub checkpoint_interval: Duration,
     pub idle_after: Duration,
+    /// The worker's hot-state budget, shared equally by its partitions.
+    pub max_hot_bytes: usize,
+    /// Partitions this worker owns now (for the budget's share).
+    pub assigned: std::sync::atomic::AtomicUsize,
     pub producer: OutputProducer,
     pub stats: Arc<Stats>,
     /// The online-store mirror, when one is configured.
@@ -400,6 +404,8 @@ pub async fn run_worker(
         max_batch: topology.scoring.max_batch,
         checkpoint_interval: topology.checkpoint_interval(),
         idle_after: topology.idle_after(),
+        max_hot_bytes: topology.max_hot_bytes(),
+        assigned: std::sync::atomic::AtomicUsize::new(0),
         producer: producer.clone(),
         stats,
         mirror,

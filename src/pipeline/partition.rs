@@ -726,14 +726,45 @@ impl PartitionTask {
         self.checkpoint_histogram
             .record(started.elapsed().as_secs_f64());
         self.evict_idle();
+        let bytes = self.enforce_budget();
         self.hot_users_gauge.set(self.users.len() as f64);
-        self.hot_bytes_gauge.set(
-            self.users
-                .iter()
-                .map(|(id, u)| id.len() + u.state.approx_bytes())
-                .sum::<usize>() as f64,
-        );
+        self.hot_bytes_gauge.set(bytes as f64);
         Ok(())
+    }
+
+    /// Keeps the hot map within this partition's share of `state.max_hot_bytes`: right
+    /// after a checkpoint every user is clean (in sled), so the least recently touched
+    /// leave memory until the map is at 80% of the share. Returns the bytes kept.
+    fn enforce_budget(&mut self) -> usize {
+        let size = |id: &String, u: &HotUser| id.len() + u.state.approx_bytes();
+        let total: usize = self.users.iter().map(|(id, u)| size(id, u)).sum();
+        let partitions = self.shared.assigned.load(Relaxed).max(1);
+        let share = self.shared.max_hot_bytes / partitions;
+        if total <= share {
+            return total;
+        }
+        let mut by_age: Vec<(Instant, usize, String)> = self
+            .users
+            .iter()
+            .filter(|(_, u)| !u.dirty)
+            .map(|(id, u)| (u.touched, size(id, u), id.clone()))
+            .collect();
+        by_age.sort_unstable_by_key(|(touched, _, _)| *touched);
+        let target = share / 10 * 8;
+        let mut kept = total;
+        let mut evicted = 0usize;
+        for (_, bytes, id) in by_age {
+            if kept <= target {
+                break;
+            }
+            self.users.remove(&id);
+            kept -= bytes;
+            evicted += 1;
+        }
+        metrics::counter!(m::BUDGET_EVICTIONS, "partition" => self.partition.to_string())
+            .increment(evicted as u64);
+        tracing::debug!(partition = self.partition, evicted, kept, share, "hot state over its budget: least recent users left memory");
+        kept
     }
 
     /// Each changed user's state, then the marker with the offset they are valid at;

@@ -162,6 +162,7 @@ impl SourceContext {
             tasks.insert(partition, tx);
         }
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tasks.len() as f64);
+        self.shared.assigned.store(tasks.len(), Ordering::SeqCst);
         drop(tasks);
         match consumer.assign(tpl) {
             Ok(()) => self.ready.store(true, Ordering::SeqCst),
@@ -245,6 +246,7 @@ impl SourceContext {
             }
         }
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(0.0);
+        self.shared.assigned.store(0, Ordering::SeqCst);
         if let Err(e) = consumer.unassign() {
             tracing::warn!(error = %e, "unassign failed");
         }
