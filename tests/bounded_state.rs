@@ -38,7 +38,11 @@ fn a_byte_budget_bounds_hot_state_and_features_stay_exact() {
         .args(["--to-topic", &topics.events, "--brokers", &broker.brokers])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let augur = Augur::start(
         &topology,
         &broker.brokers,

@@ -366,12 +366,15 @@ impl Monitor {
             &baseline.shares,
             &stats::bin_shares(&self.scratch, &baseline.edges),
         );
-        // The exact p-value costs O(n · band); it decides an alert only when the PSI
-        // is past its threshold too, so below that the asymptotic value is exported.
-        let ks = if psi > self.config.psi {
+        // The exact p-value costs O(n · band), up to O(n · m) under strong drift. It is
+        // computed only where it can change the decision: with the PSI past its
+        // threshold and the asymptotic p-value not already 100× below the KS
+        // threshold. Elsewhere the asymptotic value is exported.
+        let asymptotic = stats::ks_2samp_asymptotic(&baseline.sorted, &self.scratch);
+        let ks = if psi > self.config.psi && asymptotic.p_value >= self.config.ks_p_value / 100.0 {
             stats::ks_2samp(&baseline.sorted, &self.scratch)
         } else {
-            stats::ks_2samp_asymptotic(&baseline.sorted, &self.scratch)
+            asymptotic
         };
         let labels = [("feature", name.to_owned())];
         metrics::gauge!(m::DRIFT_KS_STATISTIC, &labels).set(ks.statistic);

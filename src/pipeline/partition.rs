@@ -763,7 +763,13 @@ impl PartitionTask {
         }
         metrics::counter!(m::BUDGET_EVICTIONS, "partition" => self.partition.to_string())
             .increment(evicted as u64);
-        tracing::debug!(partition = self.partition, evicted, kept, share, "hot state over its budget: least recent users left memory");
+        tracing::debug!(
+            partition = self.partition,
+            evicted,
+            kept,
+            share,
+            "hot state over its budget: least recent users left memory"
+        );
         kept
     }
 
