@@ -18,8 +18,6 @@ pub const BATCH_ROWS: &str = "augur_model_batch_rows";
 pub const CHECKPOINT_SECONDS: &str = "augur_state_checkpoint_duration_seconds";
 /// Users in a partition's hot map.
 pub const HOT_USERS: &str = "augur_state_hot_users";
-/// Partitions whose fetching is paused because their task's queue is full.
-pub const PAUSED_PARTITIONS: &str = "augur_source_paused_partitions";
 /// Partitions currently owned by this worker.
 pub const ASSIGNED_PARTITIONS: &str = "augur_source_assigned_partitions";
 /// Users waiting to be mirrored to the online store.
@@ -137,10 +135,6 @@ fn describe() {
     );
     describe_gauge!(HOT_USERS, "Users in a partition's hot map");
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions owned by this worker");
-    describe_gauge!(
-        PAUSED_PARTITIONS,
-        "Partitions paused because their task's queue is full"
-    );
     describe_gauge!(
         ONLINE_PENDING_USERS,
         "Users waiting to be mirrored to the online store"

@@ -47,7 +47,6 @@ impl Source {
             runtime,
             tasks: Mutex::default(),
             ready,
-            rebalances: Default::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         consumer.subscribe(&[&shared.topic])?;
@@ -73,9 +72,6 @@ struct SourceContext {
     /// True once this worker holds an assignment whose partitions are all restored
     /// (their state opened and start offsets read); false during a rebalance.
     ready: Arc<AtomicBool>,
-    /// Bumped by every assignment change: records held back for a busy partition are
-    /// dropped then (the partition resumes from its checkpointed offset anyway).
-    rebalances: std::sync::atomic::AtomicU64,
 }
 
 impl ClientContext for SourceContext {
@@ -114,7 +110,6 @@ impl ConsumerContext for SourceContext {
 impl SourceContext {
     /// Starts a task per assigned partition, each resuming from its sled offset.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        self.rebalances.fetch_add(1, Ordering::SeqCst);
         let topic = self.shared.topic.clone();
         let partitions: Vec<i32> = tpl
             .elements_for_topic(&topic)
@@ -221,7 +216,6 @@ impl SourceContext {
 
     /// Stops every partition task after its final checkpoint, commits, and unassigns.
     fn revoke_all(&self, consumer: &BaseConsumer<Self>) {
-        self.rebalances.fetch_add(1, Ordering::SeqCst);
         self.ready.store(false, Ordering::SeqCst);
         let tasks: Vec<(i32, mpsc::Sender<PartitionInput>)> =
             self.tasks.lock().expect("tasks lock").drain().collect();
@@ -258,13 +252,7 @@ impl SourceContext {
         }
     }
 
-    /// Hands records to their partition's task without waiting; a full queue hands
-    /// them back, so one slow partition never stalls the others or the polling.
-    fn dispatch(
-        &self,
-        partition: i32,
-        records: Vec<OwnedMessage>,
-    ) -> Result<(), Vec<OwnedMessage>> {
+    fn dispatch(&self, partition: i32, records: Vec<OwnedMessage>) {
         let tx = self
             .tasks
             .lock()
@@ -272,23 +260,16 @@ impl SourceContext {
             .get(&partition)
             .cloned();
         match tx {
-            Some(tx) => match tx.try_send(PartitionInput::Records(records)) {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full(PartitionInput::Records(records))) => {
-                    Err(records)
-                }
-                // A closed channel means the task failed; the worker is stopping and
-                // the records stay uncommitted.
-                Err(_) => Ok(()),
-            },
-            None => {
-                tracing::debug!(
-                    partition,
-                    n = records.len(),
-                    "records for a partition no longer owned"
-                );
-                Ok(())
+            // A closed channel means the task failed; the worker is stopping and the
+            // records stay uncommitted.
+            Some(tx) => {
+                let _ = tx.blocking_send(PartitionInput::Records(records));
             }
+            None => tracing::debug!(
+                partition,
+                n = records.len(),
+                "records for a partition no longer owned"
+            ),
         }
     }
 }
@@ -299,29 +280,9 @@ fn poll_loop(
     stop: Arc<AtomicBool>,
 ) {
     let mut batches: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
-    // Records a busy partition could not take yet; the partition is paused meanwhile
-    // (backpressure reaches Kafka instead of a queue without bound).
-    let mut held: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
     let topic = consumer.context().shared.topic.clone();
-    let paused_gauge = metrics::gauge!(m::PAUSED_PARTITIONS);
-    let mut rebalances = 0;
     while !stop.load(Ordering::SeqCst) {
         commit_requested(&consumer, &commits, &topic);
-        let now = consumer.context().rebalances.load(Ordering::SeqCst);
-        if now != rebalances {
-            rebalances = now;
-            held.clear();
-        }
-        let waiting: Vec<i32> = held.keys().copied().collect();
-        for partition in waiting {
-            let records = held.remove(&partition).expect("listed above");
-            match consumer.context().dispatch(partition, records) {
-                Ok(()) => set_paused(&consumer, &topic, partition, false),
-                Err(records) => {
-                    held.insert(partition, records);
-                }
-            }
-        }
         let mut polled = 0;
         let mut wait = Duration::from_millis(100);
         while polled < MAX_BATCH {
@@ -341,41 +302,13 @@ fn poll_loop(
             }
             wait = Duration::ZERO;
         }
-        for (partition, mut records) in batches.drain() {
-            if let Some(waiting) = held.get_mut(&partition) {
-                waiting.append(&mut records);
-                continue;
-            }
-            if let Err(records) = consumer.context().dispatch(partition, records) {
-                set_paused(&consumer, &topic, partition, true);
-                held.insert(partition, records);
-            }
+        for (partition, records) in batches.drain() {
+            consumer.context().dispatch(partition, records);
         }
-        paused_gauge.set(held.len() as f64);
     }
     // Final checkpoints; each partition's final offset is committed synchronously there.
     consumer.context().revoke_all(&consumer);
     consumer.unsubscribe();
-}
-
-/// Pauses or resumes fetching one partition (a partition no longer assigned is ignored).
-fn set_paused(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: i32, paused: bool) {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
-    let result = if paused {
-        consumer.pause(&list)
-    } else {
-        consumer.resume(&list)
-    };
-    if let Err(e) = result {
-        tracing::debug!(partition, paused, error = %e, "pause/resume refused");
-    } else {
-        tracing::debug!(
-            partition,
-            paused,
-            "partition fetch paused/resumed for backpressure"
-        );
-    }
 }
 
 /// Commits the newest offset each partition task asked for since the last call.
