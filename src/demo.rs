@@ -60,6 +60,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (topology.source.topic.clone(), args.partitions),
         (topology.sinks.predictions.topic.clone(), args.partitions),
         (topology.sinks.dead_letter.topic.clone(), 1),
+        (topology.changelog_topic(), args.partitions),
+        (topology.control_topic(), 1),
+        (topology.alerts_topic(), 1),
     ] {
         cluster
             .create_topic(&name, partitions, 1)
