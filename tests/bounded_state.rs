@@ -8,13 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn metric_sum(body: &str, family: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn a_byte_budget_bounds_hot_state_and_features_stay_exact() {
     const EVENTS: u64 = 300_000;

@@ -1019,18 +1019,6 @@ fn body(response: &str) -> &str {
         .unwrap_or("")
 }
 
-/// A metric's value summed over its label sets, from Prometheus text.
-fn metric_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn a_worker_runs_from_environment_overrides_alone() {
     let broker = Broker::start();

@@ -339,14 +339,6 @@ fn registry_with_generated_reference(dir: &Path) -> std::path::PathBuf {
     registry
 }
 
-/// Sum of a counter family in a /metrics body.
-fn metric_sum(body: &str, family: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Waits until the worker has read `events` records (its own counter).
 fn wait_for_events(port: u16, events: f64, timeout: Duration) {
     let deadline = std::time::Instant::now() + timeout;
