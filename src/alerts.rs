@@ -107,6 +107,12 @@ impl Alerts {
                     tracing::warn!(topic, error = %e, "alert record not acknowledged");
                 }
             });
+        } else {
+            tracing::warn!(
+                topic,
+                alert,
+                "alert record not published: raised outside the worker's runtime"
+            );
         }
     }
 }

@@ -61,6 +61,12 @@ pub const CONSUMER_LAG: &str = "augur_source_consumer_lag_records";
 pub const HOT_STATE_BYTES: &str = "augur_state_hot_bytes";
 /// Size of the sled database on disk.
 pub const STATE_DISK_BYTES: &str = "augur_state_disk_bytes";
+/// State store failures (disk full, I/O errors); each pauses the worker's partitions
+/// until the store is reopened.
+pub const STORE_FAULTS: &str = "augur_state_store_failures_total";
+/// Partitions whose fetching is paused because their task's queue is full (or the
+/// state store is failing).
+pub const PAUSED_PARTITIONS: &str = "augur_source_paused_partitions";
 /// KS statistic, KS p-value and PSI of each watched feature's recent window against the
 /// champion's reference (feature `score` is the prediction).
 pub const DRIFT_KS_STATISTIC: &str = "augur_drift_ks_statistic";
@@ -182,6 +188,14 @@ fn describe() {
         "Approximate bytes of a partition's hot state"
     );
     describe_gauge!(STATE_DISK_BYTES, "Size of the sled database on disk");
+    describe_counter!(
+        STORE_FAULTS,
+        "State store failures; each pauses the partitions until the store reopens"
+    );
+    describe_gauge!(
+        PAUSED_PARTITIONS,
+        "Partitions whose fetching is paused (queue full or state store failing)"
+    );
     describe_gauge!(DRIFT_KS_STATISTIC, "KS statistic against the reference");
     describe_gauge!(DRIFT_KS_P_VALUE, "KS p-value against the reference");
     describe_gauge!(

@@ -406,3 +406,121 @@ fn a_worker_without_local_state_restores_from_the_changelog() {
     check_against_golden(&predictions);
     check_state_counts(&new_state, &topics.events);
 }
+
+/// A tmpfs of a fixed size, unmounted on drop: a disk that really fills up.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs at {} failed: this test needs root (CAP_SYS_ADMIN) to make a disk that fills up",
+            path.display()
+        );
+        SmallDisk { path }
+    }
+
+    /// Writes a file until the disk refuses more; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0xa5u8; 64 << 10];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Reads the alerts topic until a record with this alert and state shows up.
+fn wait_for_alert(broker: &Broker, topic: &str, alert: &str, state: &str) -> serde_json::Value {
+    let matches = |m: &rdkafka::message::OwnedMessage| {
+        use rdkafka::Message;
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).ok()?;
+        (v["alert"] == alert && v["state"] == state).then_some(v)
+    };
+    let messages = broker.read_topic(topic, 1, Duration::from_secs(60), |msgs| {
+        msgs.iter().any(|m| matches(m).is_some())
+    });
+    messages
+        .iter()
+        .find_map(matches)
+        .unwrap_or_else(|| panic!("no {alert} {state} record on {topic} within 60 s"))
+}
+
+#[test]
+fn a_full_disk_pauses_the_partitions_with_an_alert_and_they_resume_once_space_frees() {
+    let broker = Broker::start();
+    let topics = Topics::create(&broker, PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("disk"), "32m");
+    let app = unique("app");
+    let alerts = format!("{app}-alerts");
+    broker.create_topic(&alerts, 1);
+    let topology = write_topology_with(
+        dir.path(),
+        &topics,
+        "json",
+        &[("app: ctr", &format!("app: {app}"))],
+    );
+    let state = disk.path.join("state");
+    let (group, instance) = (unique("g"), unique("i"));
+    let events = golden_events();
+    let (first, second) = events.split_at(events.len() / 2);
+    let first_impressions = first
+        .iter()
+        .filter(|(_, l)| l.contains("impression"))
+        .count();
+    let producer = broker.producer();
+
+    let mut augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
+    produce_keyed(&producer, &topics.events, first);
+    wait_for(
+        &broker,
+        &topics.predictions,
+        first_impressions,
+        Duration::from_secs(120),
+    );
+    // The disk fills up; the next checkpoints cannot be written.
+    let filler = disk.fill();
+    produce_keyed(&producer, &topics.events, second);
+    let firing = wait_for_alert(&broker, &alerts, "state_store_failed", "firing");
+    eprintln!("alert: {firing}");
+    assert!(
+        firing["message"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "the alert names the cause: {firing}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        augur.child.try_wait().unwrap().is_none(),
+        "a full disk must pause the worker, not stop it"
+    );
+    // Space frees up: the store reopens and the partitions resume by themselves.
+    std::fs::remove_file(filler).unwrap();
+    let resolved = wait_for_alert(&broker, &alerts, "state_store_failed", "resolved");
+    eprintln!("alert: {resolved}");
+    let (predictions, re_emitted) = finish_and_count_re_emissions(&broker, &topics, augur);
+    eprintln!("{re_emitted} predictions re-emitted after the store recovered");
+    check_against_golden(&predictions);
+    check_state_counts(&state, &topics.events);
+}

@@ -423,6 +423,9 @@ pub struct StateConfig {
     /// it, the least recently touched users leave memory after a checkpoint.
     #[serde(default = "default_max_hot_bytes")]
     pub max_hot_bytes: String,
+    /// Memory for sled's page cache (users out of the hot map are read through it).
+    #[serde(default = "default_store_cache_bytes")]
+    pub store_cache_bytes: String,
 }
 
 impl Default for StateConfig {
@@ -433,6 +436,7 @@ impl Default for StateConfig {
             idle_after: default_idle_after(),
             shutdown_grace: default_shutdown_grace(),
             max_hot_bytes: default_max_hot_bytes(),
+            store_cache_bytes: default_store_cache_bytes(),
         }
     }
 }
@@ -494,6 +498,9 @@ fn default_shutdown_grace() -> String {
 }
 fn default_max_hot_bytes() -> String {
     "1GiB".into()
+}
+fn default_store_cache_bytes() -> String {
+    "128MiB".into()
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9898".into()
@@ -720,6 +727,9 @@ impl Topology {
             Ok(_) => {}
             Err(e) => problems.push(Problem::new("state.max_hot_bytes", e)),
         }
+        if let Err(e) = parse_bytes(&self.state.store_cache_bytes) {
+            problems.push(Problem::new("state.store_cache_bytes", e));
+        }
         if !self.admin.listen.is_empty()
             && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -829,6 +839,10 @@ impl Topology {
 
     pub fn checkpoint_interval(&self) -> Duration {
         parse_duration(&self.state.checkpoint_interval).expect("validated")
+    }
+
+    pub fn store_cache_bytes(&self) -> u64 {
+        parse_bytes(&self.state.store_cache_bytes).expect("validated")
     }
 
     pub fn max_hot_bytes(&self) -> usize {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
-pub use partition::{PartitionInput, PartitionTask};
+pub use partition::{Control, PartitionTask};
 
 use crate::alerts::Alerts;
 use crate::codec::{Codec, TypeMask};
@@ -215,7 +215,17 @@ pub struct Shared {
     /// The online-store mirror, when one is configured.
     pub mirror: Option<Arc<crate::online_store::Mirror>>,
     commits: std::sync::mpsc::Sender<(i32, i64)>,
+    /// State store failures, for the source to pause and recover from.
+    store_faults: std::sync::mpsc::Sender<StoreFault>,
     fatal: mpsc::UnboundedSender<PartitionError>,
+}
+
+/// A partition's state store failed (disk full, I/O error): the source pauses every
+/// partition, reopens the store with backoff, and resumes from the last checkpoints.
+#[derive(Debug)]
+pub struct StoreFault {
+    pub partition: i32,
+    pub error: StoreError,
 }
 
 /// The topology's experiment, ready to assign arms.
@@ -274,6 +284,11 @@ impl Shared {
     /// Asks the consumer thread to commit `next_offset` for a partition.
     fn request_commit(&self, partition: i32, next_offset: i64) {
         let _ = self.commits.send((partition, next_offset));
+    }
+
+    pub(crate) fn report_store_fault(&self, partition: i32, error: StoreError) {
+        tracing::error!(partition, error = %error, "state store failed; the worker's partitions pause until it works again");
+        let _ = self.store_faults.send(StoreFault { partition, error });
     }
 
     pub(crate) fn report_fatal(&self, error: PartitionError) {
@@ -338,7 +353,11 @@ pub async fn run_worker(
         (Some(queue), Some(thread))
     };
 
-    let store = StateStore::open(&settings.state_dir, topology.state_hash())?;
+    let store = StateStore::open_with_cache(
+        &settings.state_dir,
+        topology.state_hash(),
+        topology.store_cache_bytes(),
+    )?;
     let (monitor, monitor_task) = if topology.monitoring.enabled {
         let variants = match &topology.experiment {
             Some(e) => e.arms.iter().map(|a| a.name.clone()).collect(),
@@ -355,19 +374,8 @@ pub async fn run_worker(
     } else {
         (None, None)
     };
-    let disk_gauge = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let gauge = metrics::gauge!(crate::metrics::STATE_DISK_BYTES);
-            loop {
-                if let Some(bytes) = store.size_on_disk() {
-                    gauge.set(bytes as f64);
-                }
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        })
-    };
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+    let (fault_tx, fault_rx) = std::sync::mpsc::channel();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let mirror_stop = Arc::new(AtomicBool::new(false));
     let (mirror, mirror_task) = match online_store {
@@ -410,6 +418,7 @@ pub async fn run_worker(
         stats,
         mirror,
         commits: commit_tx,
+        store_faults: fault_tx,
         fatal: fatal_tx,
     });
 
@@ -417,8 +426,17 @@ pub async fn run_worker(
     let source = crate::source::Source::start(
         settings.consumer_config(),
         Arc::clone(&shared),
-        store,
-        commit_rx,
+        crate::source::StoreSlot::new(
+            store,
+            settings.state_dir.clone(),
+            topology.state_hash(),
+            topology.store_cache_bytes(),
+        ),
+        alerts.clone(),
+        crate::source::Feedback {
+            commits: commit_rx,
+            store_faults: fault_rx,
+        },
         Arc::clone(&stop),
         Arc::clone(&ready),
         tokio::runtime::Handle::current(),
@@ -457,7 +475,6 @@ pub async fn run_worker(
         "partitions drained"
     );
     drop(shared);
-    disk_gauge.abort();
     if let Some(thread) = monitor_task {
         // Ends once the partitions' handles are gone.
         let joined = tokio::task::spawn_blocking(move || thread.join());

@@ -25,11 +25,16 @@ use crate::state::store::PartitionStore;
 use crate::state::UserState;
 use crate::util::now_us;
 
-/// What the consumer thread sends a partition task.
-pub enum PartitionInput {
-    Records(Vec<OwnedMessage>),
-    /// Checkpoint, then stop; the reply carries the committed next offset, if any.
+/// What the consumer thread tells a partition task, beside its records. These travel on
+/// their own channel, so a task whose record queue is full still hears them at once.
+pub enum Control {
+    /// Checkpoint what was processed, then stop; the reply carries the committed next
+    /// offset, if any. Records still queued are not processed: the partition's next
+    /// owner fetches them again from that offset.
     Stop(std::sync::mpsc::Sender<Option<i64>>),
+    /// Stop at once without checkpointing, because the state store failed: nothing
+    /// since the last checkpoint is kept, and the partition later resumes from it.
+    Abandon(std::sync::mpsc::Sender<Option<i64>>),
 }
 
 /// Most unacknowledged outputs a partition keeps before it waits for acks.
@@ -184,34 +189,62 @@ impl PartitionTask {
 
     /// Runs until told to stop or until an error that forbids going on (an output not
     /// acknowledged, a state store failure); such an error is reported to the worker.
-    pub async fn run(mut self, mut inputs: mpsc::Receiver<PartitionInput>) {
+    pub async fn run(
+        mut self,
+        mut records: mpsc::Receiver<Vec<OwnedMessage>>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) {
         let mut tick = tokio::time::interval(self.shared.checkpoint_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let outcome = tokio::select! {
-                input = inputs.recv() => match input {
-                    Some(PartitionInput::Records(records)) => self.process(records).await,
-                    Some(PartitionInput::Stop(reply)) => {
-                        let result = self.checkpoint().await;
-                        let _ = reply.send(result.as_ref().ok().and(self.checkpointed));
-                        if let Err(e) = result {
-                            self.shared.report_fatal(e);
+                biased;
+                command = control.recv() => {
+                    match command {
+                        Some(Control::Stop(reply)) => {
+                            let result = self.checkpoint().await;
+                            let _ = reply.send(result.as_ref().ok().and(self.checkpointed));
+                            if let Err(e) = result {
+                                self.fail(e);
+                            }
                         }
-                        return;
+                        Some(Control::Abandon(reply)) => {
+                            drop(self);
+                            let _ = reply.send(None);
+                        }
+                        // The source is gone (the worker is stopping).
+                        None => {
+                            if let Err(e) = self.checkpoint().await {
+                                self.fail(e);
+                            }
+                        }
                     }
+                    return;
+                }
+                _ = tick.tick() => self.checkpoint().await,
+                batch = records.recv() => match batch {
+                    Some(batch) => self.process(batch).await,
                     None => {
                         if let Err(e) = self.checkpoint().await {
-                            self.shared.report_fatal(e);
+                            self.fail(e);
                         }
                         return;
                     }
                 },
-                _ = tick.tick() => self.checkpoint().await,
             };
             if let Err(e) = outcome {
-                self.shared.report_fatal(e);
+                self.fail(e);
                 return;
             }
+        }
+    }
+
+    /// A state store failure pauses the worker's partitions until the store works again
+    /// (the source reopens it); any other error stops the worker.
+    fn fail(&self, error: PartitionError) {
+        match error {
+            PartitionError::Store(e) => self.shared.report_store_fault(self.partition, e),
+            other => self.shared.report_fatal(other),
         }
     }
 

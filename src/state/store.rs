@@ -16,6 +16,9 @@ const REWARD_PREFIX: u8 = b'r';
 /// The partition's bandit posteriors.
 const BANDIT_KEY: &[u8] = b"\0bandit";
 const STATE_HASH_KEY: &[u8] = b"state_hash";
+const PROBE_KEY: &[u8] = b"probe";
+/// sled's page cache when the topology does not say (`state.store_cache_bytes`).
+pub const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,6 +52,15 @@ impl StateStore {
     /// Opens (or creates) the store and checks that it was written for the same feature
     /// definitions.
     pub fn open(path: &Path, state_hash: u64) -> Result<StateStore, StoreError> {
+        Self::open_with_cache(path, state_hash, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`StateStore::open`], with sled's page cache bounded to `cache_bytes`.
+    pub fn open_with_cache(
+        path: &Path,
+        state_hash: u64,
+        cache_bytes: u64,
+    ) -> Result<StateStore, StoreError> {
         let sled_err = |source| StoreError::Sled {
             path: path.to_owned(),
             source,
@@ -57,6 +69,7 @@ impl StateStore {
         let db = sled::Config::new()
             .path(path)
             .flush_every_ms(None)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(sled_err)?;
         match db.get(STATE_HASH_KEY).map_err(sled_err)? {
@@ -80,6 +93,22 @@ impl StateStore {
             db,
             path: path.to_owned(),
         })
+    }
+
+    /// Writes `bytes` and makes them durable, then removes them: whether the store
+    /// takes writes again after a failure (a disk that filled up, say).
+    pub fn probe_write(&self, bytes: usize) -> Result<(), StoreError> {
+        let sled_err = |source| StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        };
+        self.db
+            .insert(PROBE_KEY, vec![0x5a; bytes])
+            .map_err(sled_err)?;
+        self.db.flush().map_err(sled_err)?;
+        self.db.remove(PROBE_KEY).map_err(sled_err)?;
+        self.db.flush().map_err(sled_err)?;
+        Ok(())
     }
 
     /// Bytes the database takes on disk, if sled can tell.
