@@ -1,19 +1,28 @@
 //! The Kafka source: one consumer per worker, polled on its own thread, that hands each
 //! assigned partition's records to that partition's task. Rebalances are handled here:
-//! an assigned partition resumes from the offset stored with its state in sled; a
-//! revoked one checkpoints and commits before it is let go.
+//! an assigned partition resumes from the offset stored with its state in sled, or
+//! from the changelog's when that is newer; a revoked one checkpoints and commits
+//! before it is let go.
 //!
-//! Backpressure is per partition: a task whose queue is full has its partition's
-//! fetching paused, so a slow partition never holds up the others. A failing state
-//! store (a full disk, an I/O error) pauses every partition, raises an alert, and is
-//! reopened with backoff; the partitions then resume from their last checkpoints.
+//! Backpressure is per partition. Each assigned partition's records arrive on its own
+//! librdkafka queue (`split_partition_queue`), and the polling thread reads a queue only
+//! while its task has room. A slow partition (a hot user, a producer queue that is
+//! full) is simply not read: librdkafka stops fetching it once its prefetch limit is
+//! reached, and the other partitions go on. Nothing is paused and refetched, so no
+//! fetch restarts in the middle of a record batch (which tansu 0.6 gets wrong).
+//!
+//! A failing state store (a full disk, an I/O error) pauses every partition, raises an
+//! alert, and is reopened with backoff; the partitions then resume from their last
+//! checkpoints.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
@@ -24,13 +33,14 @@ use tokio::sync::mpsc;
 use crate::alerts::Alerts;
 use crate::metrics as m;
 use crate::pipeline::{Control, PartitionError, PartitionTask, Shared, StoreFault};
-use crate::state::store::{StateStore, StoreError};
+use crate::state::store::{PartitionStore, StateStore, StoreError};
 
 /// Records handed to a partition task per message, at most.
 const MAX_BATCH: usize = 1024;
-/// Batches queued per partition before its fetching pauses (backpressure).
+/// Batches queued per partition task; while its queue is full, its partition is not
+/// read (backpressure).
 const PARTITION_QUEUE: usize = 8;
-/// How long a revoked partition may take to checkpoint.
+/// How long revoked partitions may take to checkpoint, together.
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The write a reopened state store must take before partitions resume on it.
 const PROBE_BYTES: usize = 1 << 20;
@@ -97,10 +107,13 @@ impl Source {
             alerts,
             runtime,
             tasks: Mutex::default(),
-            flow: Mutex::default(),
+            stopping: Mutex::default(),
+            unsplit: Mutex::default(),
+            assignments: AtomicU64::new(0),
             ready,
         };
-        let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
+        let consumer: Arc<BaseConsumer<SourceContext>> =
+            Arc::new(config.create_with_context(context)?);
         consumer.subscribe(&[&shared.topic])?;
         let thread = std::thread::Builder::new()
             .name("augur-source".into())
@@ -122,22 +135,21 @@ struct TaskHandle {
     control: mpsc::UnboundedSender<Control>,
 }
 
-/// Backpressure: records a partition's full queue could not take yet, and the
-/// partitions whose fetching is paused meanwhile. A slow partition (a hot user, a
-/// failing store) pauses only itself; the polling thread never waits on one.
-#[derive(Default)]
-struct Flow {
-    held: HashMap<i32, Vec<OwnedMessage>>,
-    paused: HashSet<i32>,
-}
-
 struct SourceContext {
     shared: Arc<Shared>,
     store: Mutex<StoreSlot>,
     alerts: Alerts,
     runtime: tokio::runtime::Handle,
     tasks: Mutex<HashMap<i32, TaskHandle>>,
-    flow: Mutex<Flow>,
+    /// Released partitions whose task had not finished its final checkpoint in time:
+    /// the reply comes when it has.
+    stopping: Mutex<HashMap<i32, std::sync::mpsc::Receiver<Option<i64>>>>,
+    /// Partitions assigned (and paused) whose records still have to be moved to their
+    /// own queue before fetching resumes.
+    unsplit: Mutex<Vec<i32>>,
+    /// Bumped by every assignment change: the polling thread then drops its partition
+    /// queues (an assignment deactivates them).
+    assignments: AtomicU64,
     /// True once this worker holds an assignment whose partitions are all restored
     /// (their state opened and start offsets read); false during a rebalance and while
     /// the state store is failing.
@@ -178,118 +190,168 @@ impl ConsumerContext for SourceContext {
 }
 
 impl SourceContext {
-    /// Starts a task per assigned partition, each resuming from its sled offset.
+    /// Starts a task per assigned partition (restoring from the changelog where it is
+    /// ahead of the local state), assigns them at their start offsets, and pauses them
+    /// until the polling thread has given each its own queue.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        *self.flow.lock().expect("flow lock") = Flow::default();
+        let started = Instant::now();
+        self.assignments.fetch_add(1, Ordering::SeqCst);
         let topic = self.shared.topic.clone();
         let partitions: Vec<i32> = tpl
             .elements_for_topic(&topic)
             .iter()
             .map(|e| e.partition())
             .collect();
-        let mut waiting = TopicPartitionList::new();
-        for partition in partitions {
-            match self.start_partition(partition) {
-                Ok(offset) => {
-                    if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
-                        tracing::error!(partition, error = %e, "cannot set start offset");
-                    }
+        self.wait_for_stopping(&partitions);
+        let mut running = Vec::new();
+        for (partition, offset) in self.start_partitions(&partitions) {
+            // Without an offset the partition waits, paused, for the state store.
+            if let Some(offset) = offset {
+                if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
+                    tracing::error!(partition, error = %e, "cannot set start offset");
                 }
-                // The store is failing: the partition starts once it works again.
-                Err(()) => {
-                    let _ = waiting.add_partition(&topic, partition);
-                }
+                running.push(partition);
             }
         }
-        let started = self.tasks.lock().expect("tasks lock").len();
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tpl.count() as f64);
         self.shared.assigned.store(tpl.count(), Ordering::SeqCst);
-        match consumer.assign(tpl) {
-            Ok(()) => {
-                if waiting.count() > 0 {
-                    if let Err(e) = consumer.pause(&waiting) {
-                        tracing::warn!(error = %e, "cannot pause partitions waiting for the state store");
-                    }
-                }
-                self.ready.store(started == tpl.count(), Ordering::SeqCst);
-            }
-            Err(e) => tracing::error!(error = %e, "assign failed"),
+        if let Err(e) = consumer.assign(tpl) {
+            tracing::error!(error = %e, "assign failed");
+            return;
+        }
+        if let Err(e) = consumer.pause(tpl) {
+            tracing::warn!(error = %e, "cannot pause the new assignment");
+        }
+        self.ready
+            .store(running.len() == tpl.count(), Ordering::SeqCst);
+        tracing::info!(
+            partitions = running.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "assignment ready"
+        );
+        *self.unsplit.lock().expect("unsplit lock") = running;
+    }
+
+    /// Waits until the earlier tasks of these partitions that were released before
+    /// their final checkpoint finished have finished it: two tasks of one partition
+    /// must never write its state at the same time, and the new one must start from
+    /// the old one's last checkpoint.
+    fn wait_for_stopping(&self, partitions: &[i32]) {
+        let waiting: Vec<(i32, std::sync::mpsc::Receiver<Option<i64>>)> = {
+            let mut stopping = self.stopping.lock().expect("stopping lock");
+            stopping.retain(|_, reply| {
+                !matches!(reply.try_recv(), Ok(_) | Err(TryRecvError::Disconnected))
+            });
+            partitions
+                .iter()
+                .filter_map(|p| stopping.remove(p).map(|reply| (*p, reply)))
+                .collect()
+        };
+        for (partition, reply) in waiting {
+            tracing::info!(
+                partition,
+                "waiting for the partition's previous task to finish its final checkpoint"
+            );
+            let _ = reply.recv();
         }
     }
 
-    /// Opens a partition's state (restoring it from the changelog when there is none
-    /// here) and spawns its task; returns where to start fetching. Err: it cannot start
-    /// now (its state store failed, or a fatal error was reported).
-    fn start_partition(&self, partition: i32) -> Result<Offset, ()> {
+    /// Opens each partition's state, resumes it from the changelog where that is ahead
+    /// (the changelog partitions are read in parallel, so an assignment takes about as
+    /// long as its slowest restore), and spawns its task. Returns each partition's
+    /// start offset, or None when it cannot start now (its store failed: the fault is
+    /// reported; or a fatal error was).
+    fn start_partitions(&self, partitions: &[i32]) -> Vec<(i32, Option<Offset>)> {
         let topic = &self.shared.topic;
-        let opened = {
+        let mut opened = Vec::new();
+        let mut out = Vec::new();
+        {
             let slot = self.store.lock().expect("store lock");
-            let Some(store) = &slot.current else {
-                return Err(());
-            };
-            store
-                .partition(topic, partition)
-                .and_then(|store| Ok((store.next_offset()?, store)))
-        };
-        let (mut next_offset, mut store) = match opened {
-            Ok(x) => x,
-            Err(e) => {
-                self.shared.report_store_fault(partition, e);
-                return Err(());
+            for &partition in partitions {
+                let Some(store) = &slot.current else {
+                    out.push((partition, None));
+                    continue;
+                };
+                match store
+                    .partition(topic, partition)
+                    .and_then(|store| Ok((store.next_offset()?, store)))
+                {
+                    Ok((local, store)) => opened.push((partition, store, local)),
+                    Err(e) => {
+                        self.shared.report_store_fault(partition, e);
+                        out.push((partition, None));
+                    }
+                }
             }
-        };
-        if next_offset.is_none() {
-            match self.restore(partition, &mut store) {
-                Ok(restored) => next_offset = restored,
+        }
+        let resumed: Vec<(i32, PartitionStore, Result<Option<i64>, PartitionError>)> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = opened
+                    .into_iter()
+                    .map(|(partition, mut store, local)| {
+                        scope.spawn(move || {
+                            let next = self.resume_offset(partition, &mut store, local);
+                            (partition, store, next)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("restore thread panicked"))
+                    .collect()
+            });
+        for (partition, store, next_offset) in resumed {
+            let started = next_offset.and_then(|next| {
+                let task = PartitionTask::new(Arc::clone(&self.shared), partition, store, next)?;
+                Ok((task, next))
+            });
+            let (task, next_offset) = match started {
+                Ok(x) => x,
                 Err(PartitionError::Store(e)) => {
                     self.shared.report_store_fault(partition, e);
-                    return Err(());
+                    out.push((partition, None));
+                    continue;
                 }
                 Err(e) => {
                     self.shared.report_fatal(e);
-                    return Err(());
+                    out.push((partition, None));
+                    continue;
                 }
-            }
+            };
+            let offset = match next_offset {
+                Some(o) => Offset::Offset(o),
+                None => {
+                    tracing::info!(partition, "no local state for partition: replaying it from the beginning to rebuild state");
+                    Offset::Beginning
+                }
+            };
+            let (records, records_rx) = mpsc::channel(PARTITION_QUEUE);
+            let (control, control_rx) = mpsc::unbounded_channel();
+            self.runtime.spawn(task.run(records_rx, control_rx));
+            self.tasks
+                .lock()
+                .expect("tasks lock")
+                .insert(partition, TaskHandle { records, control });
+            tracing::info!(partition, ?offset, "partition started");
+            out.push((partition, Some(offset)));
         }
-        let offset = match next_offset {
-            Some(o) => Offset::Offset(o),
-            None => {
-                tracing::info!(partition, "no local state for partition: replaying it from the beginning to rebuild state");
-                Offset::Beginning
-            }
-        };
-        let task = match PartitionTask::new(Arc::clone(&self.shared), partition, store, next_offset)
-        {
-            Ok(task) => task,
-            Err(PartitionError::Store(e)) => {
-                self.shared.report_store_fault(partition, e);
-                return Err(());
-            }
-            Err(e) => {
-                self.shared.report_fatal(e);
-                return Err(());
-            }
-        };
-        let (records, records_rx) = mpsc::channel(PARTITION_QUEUE);
-        let (control, control_rx) = mpsc::unbounded_channel();
-        self.runtime.spawn(task.run(records_rx, control_rx));
-        self.tasks
-            .lock()
-            .expect("tasks lock")
-            .insert(partition, TaskHandle { records, control });
-        tracing::info!(partition, ?offset, "partition started");
-        Ok(offset)
+        out
     }
 
-    /// Restores a partition without local state from the changelog into sled; returns
-    /// the offset to resume at (None: nothing in the changelog, replay the input).
-    fn restore(
+    /// The offset a newly assigned partition resumes at. Without a changelog: the
+    /// local checkpoint's (None: replay the input). With one, whichever is newer: a
+    /// worker that held the partition before, then lost it to another, has state that
+    /// is consistent but old, and resuming from it would write changelog checkpoints
+    /// with an older offset after newer ones, which a later restore would mix up. So
+    /// the local state is replaced by the changelog's when the changelog is ahead.
+    fn resume_offset(
         &self,
         partition: i32,
-        store: &mut crate::state::store::PartitionStore,
+        store: &mut PartitionStore,
+        local: Option<i64>,
     ) -> Result<Option<i64>, PartitionError> {
         let Some((topic, config)) = &self.shared.changelog else {
-            return Ok(None);
+            return Ok(local);
         };
         let started = std::time::Instant::now();
         let p = partition.to_string();
@@ -307,8 +369,28 @@ impl SourceContext {
             source,
         })?;
         let Some(next_offset) = restored.next_offset else {
-            return Ok(None);
+            return Ok(local);
         };
+        match local {
+            Some(local) if local == next_offset => {
+                tracing::debug!(
+                    partition,
+                    next_offset,
+                    "local state is as new as the changelog"
+                );
+                return Ok(Some(local));
+            }
+            Some(local) if local > next_offset => {
+                tracing::warn!(
+                    partition,
+                    local,
+                    changelog = next_offset,
+                    "local state is ahead of the changelog (was the changelog recreated?); resuming from the local state"
+                );
+                return Ok(Some(local));
+            }
+            _ => {}
+        }
         let users = restored.users.len();
         store.restore(restored.users.into_iter(), next_offset)?;
         let took = started.elapsed();
@@ -319,6 +401,7 @@ impl SourceContext {
             users,
             records = restored.records,
             next_offset,
+            replaced_local = local,
             took_ms = took.as_millis() as u64,
             "partition restored from the changelog"
         );
@@ -328,7 +411,8 @@ impl SourceContext {
     /// Stops every partition task after its final checkpoint, commits, and unassigns.
     fn revoke_all(&self, consumer: &BaseConsumer<Self>) {
         self.ready.store(false, Ordering::SeqCst);
-        *self.flow.lock().expect("flow lock") = Flow::default();
+        self.assignments.fetch_add(1, Ordering::SeqCst);
+        self.unsplit.lock().expect("unsplit lock").clear();
         let stopped = self.stop_tasks(Control::Stop);
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in stopped {
@@ -347,8 +431,11 @@ impl SourceContext {
         }
     }
 
-    /// Tells every task to stop (checkpointing or not, by `command`) and waits for each;
-    /// returns the next offsets they checkpointed.
+    /// Tells every task to stop (checkpointing or not, by `command`) and waits for them,
+    /// at most `REVOKE_TIMEOUT` in all; returns the next offsets they checkpointed. A
+    /// task still busy then (its final checkpoint waits for acknowledgements from a
+    /// broker that may be unreachable) is let go uncommitted; it still finishes, and
+    /// its partition is not started again here before it has (`wait_for_stopping`).
     fn stop_tasks(
         &self,
         command: fn(std::sync::mpsc::Sender<Option<i64>>) -> Control,
@@ -362,92 +449,49 @@ impl SourceContext {
                 replies.push((partition, reply_rx));
             }
         }
+        let deadline = Instant::now() + REVOKE_TIMEOUT;
         let mut stopped = Vec::new();
         for (partition, reply) in replies {
-            match reply.recv_timeout(REVOKE_TIMEOUT) {
+            match reply.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Some(next)) => stopped.push((partition, next)),
                 // Stopped without a checkpoint, or the task had already ended.
-                Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    tracing::warn!(partition, "partition did not stop in time")
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        partition,
+                        "partition did not stop within {REVOKE_TIMEOUT:?}; releasing it uncommitted"
+                    );
+                    self.stopping
+                        .lock()
+                        .expect("stopping lock")
+                        .insert(partition, reply);
                 }
             }
         }
         stopped
     }
 
-    /// Hands records to their partition's task without waiting. A full queue pauses the
-    /// partition's fetching and keeps the records until the task catches up.
-    fn dispatch(&self, consumer: &BaseConsumer<Self>, partition: i32, records: Vec<OwnedMessage>) {
-        let mut flow = self.flow.lock().expect("flow lock");
-        if let Some(held) = flow.held.get_mut(&partition) {
-            // Fetched before the pause took effect: they queue behind the held ones.
-            held.extend(records);
-            return;
+    /// Hands records that arrived on the consumer's main queue (before their partition
+    /// had its own) to their task, waiting if its queue is full. Rare.
+    fn dispatch(&self, partition: i32, records: Vec<OwnedMessage>) {
+        let task = self
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .get(&partition)
+            .map(|t| t.records.clone());
+        match task {
+            // A closed queue means the task ended; its records stay uncommitted and
+            // are fetched again when it restarts.
+            Some(records_tx) => {
+                let _ = records_tx.blocking_send(records);
+            }
+            None => tracing::debug!(
+                partition,
+                n = records.len(),
+                "records for a partition no longer owned"
+            ),
         }
-        let sent = {
-            let tasks = self.tasks.lock().expect("tasks lock");
-            match tasks.get(&partition) {
-                Some(task) => task.records.try_send(records),
-                None => {
-                    tracing::debug!(
-                        partition,
-                        n = records.len(),
-                        "records for a partition no longer owned"
-                    );
-                    return;
-                }
-            }
-        };
-        match sent {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(records)) => {
-                flow.held.insert(partition, records);
-                if flow.paused.insert(partition) {
-                    set_paused(consumer, &self.shared.topic, partition, true);
-                }
-            }
-            // A closed queue means the task ended (failed or abandoned); its records
-            // stay uncommitted and are fetched again when it restarts.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Offers held records again, and resumes a paused partition once its task has
-    /// drained half its queue (so one pause costs one refetch, not one per batch).
-    fn relieve(&self, consumer: &BaseConsumer<Self>) {
-        let mut flow = self.flow.lock().expect("flow lock");
-        if flow.paused.is_empty() {
-            return;
-        }
-        let tasks = self.tasks.lock().expect("tasks lock");
-        let Flow { held, paused } = &mut *flow;
-        paused.retain(|&partition| {
-            let Some(task) = tasks.get(&partition) else {
-                held.remove(&partition);
-                return true; // not running (store failing): stays paused
-            };
-            if let Some(records) = held.remove(&partition) {
-                match task.records.try_send(records) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(records)) => {
-                        held.insert(partition, records);
-                        return true;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return true,
-                }
-            }
-            if task.records.capacity() * 2 < PARTITION_QUEUE {
-                return true;
-            }
-            set_paused(consumer, &self.shared.topic, partition, false);
-            false
-        });
-        metrics::gauge!(m::PAUSED_PARTITIONS).set(paused.len() as f64);
-    }
-
-    fn is_backlogged(&self) -> bool {
-        !self.flow.lock().expect("flow lock").paused.is_empty()
     }
 
     /// The state store failed: every partition pauses and its task stops without a
@@ -456,9 +500,16 @@ impl SourceContext {
     fn begin_recovery(&self, consumer: &BaseConsumer<Self>, fault: &StoreFault) {
         self.ready.store(false, Ordering::SeqCst);
         metrics::counter!(m::STORE_FAULTS).increment(1);
+        let path = self
+            .store
+            .lock()
+            .expect("store lock")
+            .path
+            .display()
+            .to_string();
         self.alerts.set(
             STORE_ALERT,
-            &self.store.lock().expect("store lock").path.display().to_string(),
+            &path,
             true,
             &format!(
                 "state store failed (partition {}): {}; every partition is paused until it works again",
@@ -470,13 +521,6 @@ impl SourceContext {
             if let Err(e) = consumer.pause(&assigned) {
                 tracing::warn!(error = %e, "cannot pause the partitions");
             }
-            let mut flow = self.flow.lock().expect("flow lock");
-            flow.held.clear();
-            flow.paused = assigned
-                .elements_for_topic(&self.shared.topic)
-                .iter()
-                .map(|e| e.partition())
-                .collect();
         }
         self.stop_tasks(Control::Abandon);
         self.store.lock().expect("store lock").current = None;
@@ -494,25 +538,30 @@ impl SourceContext {
             return false;
         };
         let topic = self.shared.topic.clone();
+        let partitions: Vec<i32> = assigned
+            .elements_for_topic(&topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
         let mut restart = TopicPartitionList::new();
-        for element in assigned.elements_for_topic(&topic) {
-            let partition = element.partition();
-            let Ok(offset) = self.start_partition(partition) else {
+        for (partition, offset) in self.start_partitions(&partitions) {
+            let Some(offset) = offset else {
                 // Failed again: the fault is reported and recovery starts over.
                 self.stop_tasks(Control::Abandon);
                 return false;
             };
             let _ = restart.add_partition_offset(&topic, partition, offset);
         }
-        // Assigning again sets every start offset; fetching resumes from there.
+        // Assigning again sets every start offset; the partitions stay paused until
+        // the polling thread has given each its own queue again.
+        self.assignments.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = consumer.assign(&restart) {
             tracing::error!(error = %e, "re-assign after the store recovered failed");
             self.stop_tasks(Control::Abandon);
             return false;
         }
-        let _ = consumer.resume(&restart);
-        *self.flow.lock().expect("flow lock") = Flow::default();
-        metrics::gauge!(m::PAUSED_PARTITIONS).set(0.0);
+        let _ = consumer.pause(&restart);
+        *self.unsplit.lock().expect("unsplit lock") = partitions;
         self.ready.store(true, Ordering::SeqCst);
         self.alerts.set(
             STORE_ALERT,
@@ -554,21 +603,111 @@ impl Recovery {
     }
 }
 
-fn poll_loop(consumer: BaseConsumer<SourceContext>, feedback: Feedback, stop: Arc<AtomicBool>) {
+/// The polling thread's partition queues: each assigned partition's records arrive
+/// on its own, read only while the partition's task has room.
+struct Queues {
+    queues: HashMap<i32, PartitionQueue<SourceContext>>,
+    /// The assignment these queues belong to.
+    assignment: u64,
+    waker: std::thread::Thread,
+}
+
+impl Queues {
+    /// Drops queues of an earlier assignment, and gives newly assigned partitions
+    /// their own queue before resuming their fetching.
+    fn refresh(&mut self, consumer: &Arc<BaseConsumer<SourceContext>>) {
+        let context = consumer.context();
+        let now = context.assignments.load(Ordering::SeqCst);
+        if now != self.assignment {
+            self.queues.clear();
+            self.assignment = now;
+        }
+        let unsplit = std::mem::take(&mut *context.unsplit.lock().expect("unsplit lock"));
+        if unsplit.is_empty() {
+            return;
+        }
+        let topic = &context.shared.topic;
+        let mut resume = TopicPartitionList::new();
+        for partition in unsplit {
+            match consumer.split_partition_queue(topic, partition) {
+                Some(mut queue) => {
+                    let waker = self.waker.clone();
+                    queue.set_nonempty_callback(move || waker.unpark());
+                    self.queues.insert(partition, queue);
+                }
+                // Its records then come through the main queue.
+                None => tracing::warn!(partition, "cannot give the partition its own queue"),
+            }
+            resume.add_partition(topic, partition);
+        }
+        if let Err(e) = consumer.resume(&resume) {
+            tracing::error!(error = %e, "cannot resume the new assignment");
+        }
+    }
+
+    /// Moves records from each queue whose task has room into that task; returns the
+    /// records moved and the partitions left unread because their task is full.
+    fn drain(&self, context: &SourceContext) -> (usize, usize) {
+        let tasks = context.tasks.lock().expect("tasks lock");
+        let (mut moved, mut full) = (0, 0);
+        for (partition, queue) in &self.queues {
+            let Some(task) = tasks.get(partition) else {
+                continue;
+            };
+            if task.records.capacity() == 0 {
+                full += 1;
+                continue;
+            }
+            let mut batch = Vec::new();
+            while batch.len() < MAX_BATCH {
+                match queue.poll(Duration::ZERO) {
+                    Some(Ok(message)) => batch.push(message.detach()),
+                    Some(Err(e)) => {
+                        tracing::warn!(partition, error = %e, "consumer error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            moved += batch.len();
+            // This thread is the queue's only sender and saw room, so this cannot be
+            // full; a closed queue means the task ended, and its records are fetched
+            // again when it restarts.
+            if let Err(mpsc::error::TrySendError::Full(_)) = task.records.try_send(batch) {
+                unreachable!("a partition queue with room refused a batch");
+            }
+        }
+        (moved, full)
+    }
+}
+
+fn poll_loop(
+    consumer: Arc<BaseConsumer<SourceContext>>,
+    feedback: Feedback,
+    stop: Arc<AtomicBool>,
+) {
     let context = consumer.context();
     // Alerts raised here are published by tasks on the worker's runtime.
     let _runtime = context.runtime.enter();
-    let mut batches: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
     let topic = context.shared.topic.clone();
+    let mut queues = Queues {
+        queues: HashMap::new(),
+        assignment: context.assignments.load(Ordering::SeqCst),
+        waker: std::thread::current(),
+    };
+    let paused_gauge = metrics::gauge!(m::PAUSED_PARTITIONS);
     let mut recovery: Option<Recovery> = None;
     // A store that fails again soon after recovering keeps its backoff.
     let mut last_recovered: Option<(Instant, Duration)> = None;
     let mut next_disk_sample = Instant::now();
+    let mut early: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
         commit_requested(&consumer, &feedback.commits, &topic);
-        let fault = feedback.store_faults.try_iter().last();
-        if let (Some(fault), None) = (&fault, &recovery) {
-            context.begin_recovery(&consumer, fault);
+        if let (Some(fault), None) = (feedback.store_faults.try_iter().last(), &recovery) {
+            context.begin_recovery(&consumer, &fault);
             let delay = match last_recovered {
                 Some((at, delay)) if at.elapsed() < Duration::from_secs(60) => delay,
                 _ => Recovery::FIRST,
@@ -590,20 +729,16 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, feedback: Feedback, stop: Ar
                 }
             }
         }
-        context.relieve(&consumer);
+        // Rebalances and statistics are served here; records arrive here only for a
+        // partition that has no queue of its own yet. All of them are handed on before
+        // its own queue is read, so its records stay in order.
         let mut polled = 0;
-        // Paused partitions are checked again soon; otherwise poll may wait.
-        let mut wait = if context.is_backlogged() || recovery.is_some() {
-            Duration::from_millis(2)
-        } else {
-            Duration::from_millis(100)
-        };
-        while polled < MAX_BATCH {
-            match consumer.poll(wait) {
+        loop {
+            match consumer.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => {
                     polled += 1;
-                    batches
+                    early
                         .entry(message.partition())
                         .or_default()
                         .push(message.detach());
@@ -613,33 +748,31 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, feedback: Feedback, stop: Ar
                     break;
                 }
             }
-            wait = Duration::ZERO;
         }
-        for (partition, records) in batches.drain() {
-            context.dispatch(&consumer, partition, records);
+        for (partition, records) in early.drain() {
+            context.dispatch(partition, records);
         }
+        queues.refresh(&consumer);
+        let (moved, full) = queues.drain(context);
+        paused_gauge.set(full as f64);
         if Instant::now() >= next_disk_sample {
             context.sample_disk();
             next_disk_sample = Instant::now() + Duration::from_secs(10);
         }
+        if moved == 0 && polled == 0 {
+            // A queue that fills wakes this thread; a full task is looked at again soon.
+            let wait = if full > 0 || recovery.is_some() {
+                Duration::from_millis(2)
+            } else {
+                Duration::from_millis(20)
+            };
+            std::thread::park_timeout(wait);
+        }
     }
     // Final checkpoints; each partition's final offset is committed synchronously there.
+    drop(queues);
     context.revoke_all(&consumer);
     consumer.unsubscribe();
-}
-
-/// Pauses or resumes fetching one partition (a partition no longer assigned is ignored).
-fn set_paused(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: i32, paused: bool) {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
-    let result = if paused {
-        consumer.pause(&list)
-    } else {
-        consumer.resume(&list)
-    };
-    if let Err(e) = result {
-        tracing::debug!(partition, paused, error = %e, "pause/resume refused");
-    }
 }
 
 /// Commits the newest offset each partition task asked for since the last call.
