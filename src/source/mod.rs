@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics as m;
 use crate::pipeline::{PartitionError, PartitionInput, PartitionTask, Shared};
-use crate::state::store::StateStore;
+use crate::state::store::{PartitionStore, StateStore};
 
 /// Records handed to a partition task per message, at most.
 const MAX_BATCH: usize = 1024;
@@ -46,6 +47,7 @@ impl Source {
             store,
             runtime,
             tasks: Mutex::default(),
+            stopping: Mutex::default(),
             ready,
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
@@ -69,6 +71,9 @@ struct SourceContext {
     store: StateStore,
     runtime: tokio::runtime::Handle,
     tasks: Mutex<HashMap<i32, mpsc::Sender<PartitionInput>>>,
+    /// Released partitions whose task had not finished its final checkpoint in time:
+    /// the reply comes when it has.
+    stopping: Mutex<HashMap<i32, std::sync::mpsc::Receiver<Option<i64>>>>,
     /// True once this worker holds an assignment whose partitions are all restored
     /// (their state opened and start offsets read); false during a rebalance.
     ready: Arc<AtomicBool>,
@@ -108,7 +113,11 @@ impl ConsumerContext for SourceContext {
 }
 
 impl SourceContext {
-    /// Starts a task per assigned partition, each resuming from its sled offset.
+    /// Starts a task per assigned partition, each resuming from its sled offset, or
+    /// from the changelog's when the changelog is ahead of the local state (no local
+    /// state, or state left behind when the partition moved to another worker). The
+    /// changelog partitions are read in parallel, so a rebalance takes about as long as
+    /// the slowest partition's restore, not their sum.
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let topic = self.shared.topic.clone();
         let partitions: Vec<i32> = tpl
@@ -116,28 +125,44 @@ impl SourceContext {
             .iter()
             .map(|e| e.partition())
             .collect();
-        let mut tasks = self.tasks.lock().expect("tasks lock");
+        let started = std::time::Instant::now();
+        self.wait_for_stopping(&partitions);
+        let mut opened = Vec::new();
         for partition in partitions {
-            let started = self.store.partition(&topic, partition).and_then(|store| {
+            let store = self.store.partition(&topic, partition).and_then(|store| {
                 let next = store.next_offset()?;
                 Ok((store, next))
             });
-            let (mut store, mut next_offset) = match started {
-                Ok(x) => x,
+            match store {
+                Ok((store, next)) => opened.push((partition, store, next)),
+                Err(e) => self.shared.report_fatal(PartitionError::Store(e)),
+            }
+        }
+        let resumed: Vec<(i32, PartitionStore, Result<Option<i64>, PartitionError>)> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = opened
+                    .into_iter()
+                    .map(|(partition, mut store, local)| {
+                        scope.spawn(move || {
+                            let next = self.resume_offset(partition, &mut store, local);
+                            (partition, store, next)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("restore thread panicked"))
+                    .collect()
+            });
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        for (partition, store, next_offset) in resumed {
+            let next_offset = match next_offset {
+                Ok(next) => next,
                 Err(e) => {
-                    self.shared.report_fatal(PartitionError::Store(e));
+                    self.shared.report_fatal(e);
                     continue;
                 }
             };
-            if next_offset.is_none() {
-                match self.restore(partition, &mut store) {
-                    Ok(restored) => next_offset = restored,
-                    Err(e) => {
-                        self.shared.report_fatal(e);
-                        continue;
-                    }
-                }
-            }
             let offset = match next_offset {
                 Some(o) => Offset::Offset(o),
                 None => {
@@ -163,22 +188,57 @@ impl SourceContext {
         }
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tasks.len() as f64);
         self.shared.assigned.store(tasks.len(), Ordering::SeqCst);
+        let assigned = tasks.len();
         drop(tasks);
         match consumer.assign(tpl) {
             Ok(()) => self.ready.store(true, Ordering::SeqCst),
             Err(e) => tracing::error!(error = %e, "assign failed"),
         }
+        tracing::info!(
+            partitions = assigned,
+            took_ms = started.elapsed().as_millis() as u64,
+            "assignment ready"
+        );
     }
 
-    /// Restores a partition without local state from the changelog into sled; returns
-    /// the offset to resume at (None: nothing in the changelog, replay the input).
-    fn restore(
+    /// Waits until the earlier tasks of these partitions that were released before
+    /// their final checkpoint finished have finished it: two tasks of one partition
+    /// must never write its state at the same time, and the new one must start from
+    /// the old one's last checkpoint.
+    fn wait_for_stopping(&self, partitions: &[i32]) {
+        let waiting: Vec<(i32, std::sync::mpsc::Receiver<Option<i64>>)> = {
+            let mut stopping = self.stopping.lock().expect("stopping lock");
+            stopping.retain(|_, reply| {
+                !matches!(reply.try_recv(), Ok(_) | Err(TryRecvError::Disconnected))
+            });
+            partitions
+                .iter()
+                .filter_map(|p| stopping.remove(p).map(|reply| (*p, reply)))
+                .collect()
+        };
+        for (partition, reply) in waiting {
+            tracing::info!(
+                partition,
+                "waiting for the partition's previous task to finish its final checkpoint"
+            );
+            let _ = reply.recv();
+        }
+    }
+
+    /// The offset a newly assigned partition resumes at. Without a changelog: the
+    /// local checkpoint's (None: replay the input). With one, whichever is newer: a
+    /// worker that held the partition before, then lost it to another, has state that
+    /// is consistent but old, and resuming from it would write changelog checkpoints
+    /// with an older offset after newer ones, which a later restore would mix up. So
+    /// the local state is replaced by the changelog's when the changelog is ahead.
+    fn resume_offset(
         &self,
         partition: i32,
-        store: &mut crate::state::store::PartitionStore,
+        store: &mut PartitionStore,
+        local: Option<i64>,
     ) -> Result<Option<i64>, PartitionError> {
         let Some((topic, config)) = &self.shared.changelog else {
-            return Ok(None);
+            return Ok(local);
         };
         let started = std::time::Instant::now();
         let p = partition.to_string();
@@ -196,8 +256,28 @@ impl SourceContext {
             source,
         })?;
         let Some(next_offset) = restored.next_offset else {
-            return Ok(None);
+            return Ok(local);
         };
+        match local {
+            Some(local) if local == next_offset => {
+                tracing::debug!(
+                    partition,
+                    next_offset,
+                    "local state is as new as the changelog"
+                );
+                return Ok(Some(local));
+            }
+            Some(local) if local > next_offset => {
+                tracing::warn!(
+                    partition,
+                    local,
+                    changelog = next_offset,
+                    "local state is ahead of the changelog (was the changelog recreated?); resuming from the local state"
+                );
+                return Ok(Some(local));
+            }
+            _ => {}
+        }
         let users = restored.users.len();
         store.restore(restored.users.into_iter(), next_offset)?;
         let took = started.elapsed();
@@ -208,6 +288,7 @@ impl SourceContext {
             users,
             records = restored.records,
             next_offset,
+            replaced_local = local,
             took_ms = took.as_millis() as u64,
             "partition restored from the changelog"
         );
@@ -227,8 +308,10 @@ impl SourceContext {
             }
         }
         let mut offsets = TopicPartitionList::new();
+        let deadline = std::time::Instant::now() + REVOKE_TIMEOUT;
         for (partition, reply) in replies {
-            match reply.recv_timeout(REVOKE_TIMEOUT) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match reply.recv_timeout(left) {
                 Ok(Some(next)) => {
                     let _ = offsets.add_partition_offset(
                         &self.shared.topic,
@@ -236,8 +319,21 @@ impl SourceContext {
                         Offset::Offset(next),
                     );
                 }
-                Ok(None) => {}
-                Err(_) => tracing::warn!(partition, "partition did not checkpoint in time"),
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    // Its final checkpoint waits for acknowledgements (the broker may
+                    // be unreachable). The partition is let go without a commit; the
+                    // task still finishes its checkpoint, and the partition is not
+                    // started again here before it has (see `assign`).
+                    tracing::warn!(
+                        partition,
+                        "partition did not checkpoint within {REVOKE_TIMEOUT:?}; releasing it uncommitted"
+                    );
+                    self.stopping
+                        .lock()
+                        .expect("stopping lock")
+                        .insert(partition, reply);
+                }
             }
         }
         if offsets.count() > 0 {
