@@ -1,7 +1,8 @@
 //! The Kafka source: one consumer per worker, polled on its own thread, that hands each
 //! assigned partition's records to that partition's task. Rebalances are handled here:
-//! an assigned partition resumes from the offset stored with its state in sled; a
-//! revoked one checkpoints and commits before it is let go.
+//! an assigned partition resumes from the offset stored with its state in sled, or
+//! from the changelog's when that is newer; a revoked one checkpoints and commits
+//! before it is let go.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

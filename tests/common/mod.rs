@@ -57,7 +57,7 @@ fn tansu_bin() -> PathBuf {
         .map(|d| Path::new(d).join("tansu"))
         .find(|p| p.is_file());
     on_path.unwrap_or_else(|| {
-        panic!("tansu not found: run the tests with tests/run.sh, which installs it (cargo install tansu --locked --features dynostore)")
+        panic!("tansu not found: run the tests with tests/run.sh, which installs it (cargo install tansu --locked --features dynostore,postgres)")
     })
 }
 
