@@ -4,150 +4,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const PARTITIONS: i32 = 4;
-
-fn impression_ids() -> Vec<String> {
-    golden_events()
-        .iter()
-        .filter(|(_, line)| line.contains("\"type\": \"impression\""))
-        .map(|(_, line)| {
-            serde_json::from_str::<serde_json::Value>(line).unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect()
-}
-
-/// Every impression has at least one prediction; all copies of one are identical
-/// (deterministic re-emission); features equal the golden file.
-fn check_against_golden(predictions: &HashMap<String, Vec<serde_json::Value>>) {
-    let (names, golden) = golden_features();
-    let impressions = impression_ids();
-    assert_eq!(impressions.len(), 12_454);
-    let mut duplicates = 0;
-    for id in &impressions {
-        let copies = predictions
-            .get(id)
-            .unwrap_or_else(|| panic!("impression {id} has no prediction"));
-        for copy in &copies[1..] {
-            duplicates += 1;
-            assert_eq!(
-                copy["score"], copies[0]["score"],
-                "re-emitted prediction for {id} differs"
-            );
-            assert_eq!(
-                copy["features"], copies[0]["features"],
-                "re-emitted features for {id} differ"
-            );
-            assert_eq!(copy["version"], copies[0]["version"]);
-        }
-        let p = &copies[0];
-        assert_eq!(p["model"], "ctr");
-        let score = p["score"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&score), "{id}: score {score}");
-        let want = &golden[id];
-        for (name, want) in names.iter().zip(want) {
-            let got = p["features"][name]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{id}: feature {name} missing"));
-            assert_feature_eq(id, name, got, *want);
-        }
-    }
-    let extra: Vec<_> = predictions
-        .keys()
-        .filter(|k| !golden.contains_key(*k))
-        .take(3)
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "predictions for unknown events: {extra:?}"
-    );
-    eprintln!(
-        "checked {} impressions against golden; {duplicates} identical re-emissions",
-        impressions.len()
-    );
-}
-
-/// The final sled state: each user's lifetime event count equals its number of golden
-/// events, so no event was applied twice (or skipped).
-fn check_state_counts(state_dir: &std::path::Path, topic: &str) {
-    let mut expected: HashMap<String, u64> = HashMap::new();
-    for (user, _) in golden_events() {
-        *expected.entry(user).or_default() += 1;
-    }
-    let topology = augur::config::Topology::load(&repo_root().join("topologies/ctr.yaml")).unwrap();
-    let store = augur::state::store::StateStore::open(state_dir, topology.state_hash()).unwrap();
-    let mut seen = 0;
-    for partition in 0..PARTITIONS {
-        for item in store.partition(topic, partition).unwrap().users() {
-            let (user, state) = item.unwrap();
-            let lifetime = state
-                .aggs
-                .iter()
-                .find_map(|a| match a {
-                    augur::state::AggState::Lifetime(n) => Some(*n),
-                    _ => None,
-                })
-                .unwrap();
-            assert_eq!(
-                Some(&lifetime),
-                expected.get(&user),
-                "user {user}: events applied to state"
-            );
-            seen += 1;
-        }
-    }
-    assert_eq!(seen, expected.len(), "every user has state");
-}
-
-/// Reads the predictions topic until `want` distinct events have a prediction.
-fn wait_for(
-    broker: &Broker,
-    topic: &str,
-    want: usize,
-    timeout: Duration,
-) -> HashMap<String, Vec<serde_json::Value>> {
-    let messages = broker.read_topic(topic, PARTITIONS, timeout, |msgs| {
-        predictions_by_event(msgs).len() >= want
-    });
-    predictions_by_event(&messages)
-}
-
-fn wait_for_all(
-    broker: &Broker,
-    topic: &str,
-    timeout: Duration,
-) -> HashMap<String, Vec<serde_json::Value>> {
-    wait_for(broker, topic, impression_ids().len(), timeout)
-}
-
-/// Waits for every impression's prediction, gives a wrongly re-emitted copy time to
-/// show up, stops the worker cleanly (so its state is checkpointed) and returns the
-/// predictions with the number of events predicted more than once.
-fn finish_and_count_re_emissions(
-    broker: &Broker,
-    topics: &Topics,
-    augur: Augur,
-) -> (HashMap<String, Vec<serde_json::Value>>, usize) {
-    wait_for_all(broker, &topics.predictions, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_secs(2));
-    let messages = broker.read_topic(
-        &topics.predictions,
-        PARTITIONS,
-        Duration::from_secs(5),
-        |_| false,
-    );
-    assert!(augur.terminate(Duration::from_secs(25)));
-    let predictions = predictions_by_event(&messages);
-    let re_emitted = predictions.values().filter(|c| c.len() > 1).count();
-    (predictions, re_emitted)
-}
 
 #[test]
 fn golden_stream_features_match_pandas() {
@@ -179,7 +40,12 @@ fn golden_stream_features_match_pandas() {
         http_get(admin, "/readyz").starts_with("HTTP/1.1 503"),
         "ready before any partition is assigned"
     );
-    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(180));
+    let predictions = wait_for_all(
+        &broker,
+        &topics.predictions,
+        PARTITIONS,
+        Duration::from_secs(180),
+    );
     assert!(
         http_get(admin, "/readyz").starts_with("HTTP/1.1 200"),
         "ready once partitions are assigned"
@@ -189,7 +55,7 @@ fn golden_stream_features_match_pandas() {
         "augur exits cleanly on SIGTERM"
     );
     check_against_golden(&predictions);
-    check_state_counts(&state, &topics.events);
+    check_state_counts(&state, &topics.events, PARTITIONS);
 }
 
 #[test]
@@ -227,6 +93,7 @@ fn golden_stream_survives_sigkill() {
     wait_for(
         &broker,
         &topics.predictions,
+        PARTITIONS,
         impressions_before(1),
         Duration::from_secs(120),
     );
@@ -240,6 +107,7 @@ fn golden_stream_survives_sigkill() {
     wait_for(
         &broker,
         &topics.predictions,
+        PARTITIONS,
         impressions_before(3),
         Duration::from_secs(120),
     );
@@ -250,14 +118,19 @@ fn golden_stream_survives_sigkill() {
 
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
     produce_keyed(&producer, &topics.events, slices[4]);
-    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(180));
+    let predictions = wait_for_all(
+        &broker,
+        &topics.predictions,
+        PARTITIONS,
+        Duration::from_secs(180),
+    );
     assert!(
         augur.terminate(Duration::from_secs(30)),
         "augur exits cleanly on SIGTERM"
     );
     eprintln!("stream with 2 SIGKILLs took {:?}", started.elapsed());
     check_against_golden(&predictions);
-    check_state_counts(&state, &topics.events);
+    check_state_counts(&state, &topics.events, PARTITIONS);
 }
 
 #[test]
@@ -300,14 +173,19 @@ fn golden_stream_survives_a_kill_loop() {
     }
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
     produce_keyed(&producer, &topics.events, slices[5]);
-    let predictions = wait_for_all(&broker, &topics.predictions, Duration::from_secs(240));
+    let predictions = wait_for_all(
+        &broker,
+        &topics.predictions,
+        PARTITIONS,
+        Duration::from_secs(240),
+    );
     assert!(augur.terminate(Duration::from_secs(30)));
     eprintln!(
         "5 SIGKILLs at {kills:?} after producing each slice; stream done in {:?}",
         started.elapsed()
     );
     check_against_golden(&predictions);
-    check_state_counts(&state, &topics.events);
+    check_state_counts(&state, &topics.events, PARTITIONS);
 }
 
 #[test]
@@ -338,6 +216,7 @@ fn sigterm_drains_within_the_grace_period_and_the_next_start_re_emits_nothing() 
     wait_for(
         &broker,
         &topics.predictions,
+        PARTITIONS,
         first_impressions,
         Duration::from_secs(120),
     );
@@ -350,14 +229,15 @@ fn sigterm_drains_within_the_grace_period_and_the_next_start_re_emits_nothing() 
 
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &state);
     produce_keyed(&producer, &topics.events, second);
-    let (predictions, re_emitted) = finish_and_count_re_emissions(&broker, &topics, augur);
+    let (predictions, re_emitted) =
+        finish_and_count_re_emissions(&broker, &topics, PARTITIONS, augur);
     eprintln!("drain took {drain:?}; {re_emitted} predictions re-emitted after the restart");
     assert_eq!(
         re_emitted, 0,
         "the restart re-emitted acknowledged predictions"
     );
     check_against_golden(&predictions);
-    check_state_counts(&state, &topics.events);
+    check_state_counts(&state, &topics.events, PARTITIONS);
 }
 
 #[test]
@@ -389,6 +269,7 @@ fn a_worker_without_local_state_restores_from_the_changelog() {
     wait_for(
         &broker,
         &topics.predictions,
+        PARTITIONS,
         first_impressions,
         Duration::from_secs(120),
     );
@@ -400,11 +281,12 @@ fn a_worker_without_local_state_restores_from_the_changelog() {
     let new_state = dir.path().join("pod-b");
     let augur = Augur::start(&topology, &broker.brokers, &group, &instance, &new_state);
     produce_keyed(&producer, &topics.events, second);
-    let (predictions, re_emitted) = finish_and_count_re_emissions(&broker, &topics, augur);
+    let (predictions, re_emitted) =
+        finish_and_count_re_emissions(&broker, &topics, PARTITIONS, augur);
     eprintln!("{re_emitted} predictions re-emitted after the restore");
     assert_eq!(re_emitted, 0, "the input was replayed instead of restored");
     check_against_golden(&predictions);
-    check_state_counts(&new_state, &topics.events);
+    check_state_counts(&new_state, &topics.events, PARTITIONS);
 }
 
 /// A tmpfs of a fixed size, unmounted on drop: a disk that really fills up.

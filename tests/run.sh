@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The test command (README: "Run the tests"). On a fresh machine it installs and starts
 # everything the tests need, then runs the whole suite:
-#   - tansu, the Kafka-API broker the integration tests talk to (cargo install, cached
-#     in ~/.cargo/bin; the first build takes over 10 minutes);
+#   - tansu, the Kafka-API broker the integration tests talk to (cargo install with its
+#     memory and PostgreSQL storage, cached in ~/.cargo/bin; the first build takes over
+#     10 minutes);
+#   - PostgreSQL on 127.0.0.1:5432 (tansu's storage in the broker-restart test), started
+#     (and installed) when it is not running;
 #   - a Python venv in .venv with onnxruntime, scikit-learn, pandas and scipy, the
 #     trusted references (reinstalled when training/requirements.txt changes);
 #   - a compose CLI (Debian's docker-compose) for tests/deploy.rs when none is here;
@@ -15,15 +18,46 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 step "tansu (Kafka-API broker for the integration tests)"
+# Built with its memory storage (dynostore) and its PostgreSQL storage (postgres), which
+# the broker-restart test needs; an install without postgres is rebuilt.
+tansu_has_postgres() {
+    python3 - "$HOME/.cargo/.crates2.json" <<'PY'
+import json, sys
+try:
+    installs = json.load(open(sys.argv[1]))["installs"]
+except Exception:
+    sys.exit(1)
+ok = any(k.startswith("tansu ") and "postgres" in v.get("features", []) for k, v in installs.items())
+sys.exit(0 if ok else 1)
+PY
+}
 TANSU="$(command -v tansu || true)"
 if [ -z "$TANSU" ] && [ -x "$HOME/.cargo/bin/tansu" ]; then TANSU="$HOME/.cargo/bin/tansu"; fi
-if [ -z "$TANSU" ]; then
-    echo "installing tansu 0.6 with memory storage (takes over 10 minutes on 2 cores)"
-    cargo install tansu --version 0.6.0 --locked --features dynostore
+if [ -z "$TANSU" ] || { [ "$TANSU" = "$HOME/.cargo/bin/tansu" ] && ! tansu_has_postgres; }; then
+    echo "installing tansu 0.6 with memory and PostgreSQL storage (takes over 10 minutes on 2 cores)"
+    cargo install tansu --version 0.6.0 --locked --force --features dynostore,postgres
     TANSU="$HOME/.cargo/bin/tansu"
 fi
 export AUGUR_TEST_TANSU="$TANSU"
 echo "using $TANSU"
+
+step "PostgreSQL (tansu's storage in the broker-restart test)"
+export AUGUR_TEST_POSTGRES_URL="${AUGUR_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+if ! command -v pg_ctlcluster >/dev/null || ! command -v psql >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq postgresql postgresql-client >/dev/null
+    # The tests connect over TCP as postgres without a password.
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+        grep -q '^host all all 127.0.0.1/32 trust' "$hba" \
+            || sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    done
+fi
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    for version in $(ls /etc/postgresql); do
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+    for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+psql "$AUGUR_TEST_POSTGRES_URL" -qAt -c 'select version()'
 
 step "Python venv for reference checks (.venv)"
 STAMP=".venv/.requirements.sha256"

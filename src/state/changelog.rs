@@ -4,7 +4,8 @@
 //! All of it is acknowledged before the checkpoint reaches sled and the offset is
 //! committed.
 //!
-//! A worker assigned a partition it has no local state for restores it from there: it
+//! A worker assigned a partition whose local state is missing or older than the
+//! changelog's last checkpoint restores it from there: it
 //! reads the partition from the beginning, keeps the last state per user (the topic
 //! need not be compacted; tansu does not compact), and applies a checkpoint's users
 //! only when its marker follows them, so a checkpoint cut short by a crash is ignored.

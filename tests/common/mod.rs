@@ -57,24 +57,62 @@ fn tansu_bin() -> PathBuf {
         .map(|d| Path::new(d).join("tansu"))
         .find(|p| p.is_file());
     on_path.unwrap_or_else(|| {
-        panic!("tansu not found: run the tests with tests/run.sh, which installs it (cargo install tansu --locked --features dynostore)")
+        panic!("tansu not found: run the tests with tests/run.sh, which installs it (cargo install tansu --locked --features dynostore,postgres)")
     })
 }
 
-/// A tansu broker with in-memory storage, killed on drop.
+/// A tansu broker, killed on drop: in-memory storage ([`Broker::start`]) or a fresh
+/// PostgreSQL database ([`Broker::start_postgres`]), which survives a restart.
 ///
 /// Keep consumer session timeouts at 10 s or more against it: tansu 0.6 holds each
 /// JoinGroup and SyncGroup of a static member for 3 s, and a member's first heartbeat
 /// after a 6 s session timeout finds it already expired.
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub brokers: String,
+    port: u16,
+    storage: String,
+    database: Option<PgDatabase>,
 }
 
 impl Broker {
     pub fn start() -> Broker {
+        Self::start_with("memory://tansu/".into(), None)
+    }
+
+    /// A broker storing everything in a new PostgreSQL database (dropped with the
+    /// broker), on `$AUGUR_TEST_POSTGRES_URL`'s server; needs tansu built with its
+    /// `postgres` feature (tests/run.sh does that).
+    pub fn start_postgres() -> Broker {
+        let database = PgDatabase::create();
+        Self::start_with(database.url.clone(), Some(database))
+    }
+
+    fn start_with(storage: String, database: Option<PgDatabase>) -> Broker {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
+        let mut broker = Broker {
+            child: None,
+            brokers: format!("127.0.0.1:{port}"),
+            port,
+            storage,
+            database,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = match std::env::var("AUGUR_TEST_TANSU_LOG") {
+            Ok(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            Err(_) => Stdio::null(),
+        };
         let child = Command::new(tansu_bin())
             .args([
                 "broker",
@@ -83,25 +121,60 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
                 "--storage-engine",
-                "memory://tansu/",
+                &self.storage,
             ])
             .stderr(Stdio::null())
-            .stdout(match std::env::var("AUGUR_TEST_TANSU_LOG") {
-                Ok(path) => Stdio::from(std::fs::File::create(path).unwrap()),
-                Err(_) => Stdio::null(),
-            })
+            .stdout(log)
             .spawn()
             .expect("starting tansu");
-        let brokers = format!("127.0.0.1:{port}");
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&brokers).is_err() {
+        while TcpStream::connect(&self.brokers).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tansu exited with {status} (storage {})", self.storage);
+            }
             assert!(
                 Instant::now() < deadline,
-                "tansu did not listen on {brokers} within 30 s"
+                "tansu did not listen on {} within 30 s",
+                self.brokers
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Broker { child, brokers }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("broker running")
+            .id()
+            .to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// SIGSTOP: the broker holds its connections but answers nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Broker::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port and storage (after [`Broker::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) {
@@ -134,6 +207,22 @@ impl Broker {
             .unwrap()
     }
 
+    /// The members of a consumer group as the broker lists them (DescribeGroups).
+    pub fn group_members(&self, group: &str) -> Vec<String> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .unwrap();
+        match consumer.fetch_group_list(Some(group), Duration::from_secs(5)) {
+            Ok(list) => list
+                .groups()
+                .iter()
+                .flat_map(|g| g.members().iter().map(|m| m.id().to_owned()))
+                .collect(),
+            Err(e) => panic!("describing group {group}: {e}"),
+        }
+    }
+
     /// Reads every record of a topic currently available, until `done` says so or the
     /// timeout passes.
     pub fn read_topic(
@@ -148,6 +237,9 @@ impl Broker {
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
+            // tansu has no transactions; its PostgreSQL storage cannot answer a
+            // read_committed ListOffsets on PostgreSQL < 16.
+            .set("isolation.level", "read_uncommitted")
             .set("receive.message.max.bytes", "100000000")
             .create()
             .unwrap();
@@ -182,9 +274,83 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &self.child {
+            // A frozen broker does not die of SIGKILL until it is continued.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+        // The database (if any) is dropped after the broker is gone.
+        self.database.take();
     }
+}
+
+/// A PostgreSQL database with tansu's schema (tests/data/tansu-postgres.sql), created
+/// for one broker and dropped after it.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+    server: String,
+}
+
+impl PgDatabase {
+    /// `$AUGUR_TEST_POSTGRES_URL`, else `postgres://postgres@127.0.0.1:5432/postgres`:
+    /// any database on the server the tests may create databases on.
+    pub fn server_url() -> String {
+        std::env::var("AUGUR_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    }
+
+    pub fn create() -> PgDatabase {
+        let server = Self::server_url();
+        let name = unique("tansu").replace('-', "_");
+        let (path, query) = server.split_once('?').unwrap_or((&server, ""));
+        let (base, _) = path
+            .rsplit_once('/')
+            .expect("a postgres URL ends with /database");
+        // tansu's client prefers TLS and checks the server's certificate against the
+        // host: a local server's self-signed one fails, so no TLS unless the URL asks.
+        let query = if query.contains("sslmode=") {
+            query.to_owned()
+        } else if query.is_empty() {
+            "sslmode=disable".to_owned()
+        } else {
+            format!("{query}&sslmode=disable")
+        };
+        let url = format!("{base}/{name}?{query}");
+        psql(&server, &["-c", &format!("create database {name}")]);
+        let schema = repo_root().join("tests/data/tansu-postgres.sql");
+        psql(&url, &["-q", "-f", schema.to_str().unwrap()]);
+        PgDatabase { url, name, server }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([self.server.as_str(), "-q", "-c"])
+            .arg(format!(
+                "drop database if exists {} with (force)",
+                self.name
+            ))
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn psql(url: &str, args: &[&str]) {
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .output()
+        .expect("running psql (PostgreSQL's client; tests/run.sh installs it)");
+    assert!(
+        out.status.success(),
+        "psql {url} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Topic names for one test run.
@@ -285,6 +451,12 @@ impl Augur {
         state_dir: &Path,
         env: &[(&str, &str)],
     ) -> Augur {
+        // 10 s unless the caller sets AUGUR_SESSION_TIMEOUT (the flag would win).
+        let session_timeout: &[&str] = if env.iter().any(|(k, _)| *k == "AUGUR_SESSION_TIMEOUT") {
+            &[]
+        } else {
+            &["--session-timeout", "10s"]
+        };
         let child = Command::new(augur_bin())
             .envs(env.iter().copied())
             .args(["run", "--topology"])
@@ -296,10 +468,9 @@ impl Augur {
                 group,
                 "--instance-id",
                 instance,
-                "--session-timeout",
-                "10s",
                 "--log-features",
             ])
+            .args(session_timeout)
             .arg("--state-dir")
             .arg(state_dir)
             .env(
@@ -471,4 +642,253 @@ pub fn metric_sum(metrics: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The admin endpoint's Prometheus text.
+pub fn metrics(admin_port: u16) -> String {
+    http_get(admin_port, "/metrics")
+}
+
+// ---------------------------------------------------------------------------------------
+// Golden checks shared by the stream tests (golden_stream, scale_out, broker_outage).
+
+/// Impressions in the golden stream.
+pub const GOLDEN_IMPRESSIONS: usize = 12_454;
+
+/// The golden stream's impression event ids, in file order.
+pub fn impression_ids() -> Vec<String> {
+    golden_events()
+        .iter()
+        .filter(|(_, line)| line.contains("\"type\": \"impression\""))
+        .map(|(_, line)| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Every impression has at least one prediction; all copies of one are identical
+/// (deterministic re-emission: same score, features, model version and variant);
+/// features equal the golden file. Returns the number of extra copies.
+pub fn check_against_golden(predictions: &HashMap<String, Vec<serde_json::Value>>) -> usize {
+    let (names, golden) = golden_features();
+    let impressions = impression_ids();
+    assert_eq!(impressions.len(), GOLDEN_IMPRESSIONS);
+    let mut duplicates = 0;
+    for id in &impressions {
+        let copies = predictions
+            .get(id)
+            .unwrap_or_else(|| panic!("impression {id} has no prediction"));
+        for copy in &copies[1..] {
+            duplicates += 1;
+            assert_eq!(
+                copy["score"], copies[0]["score"],
+                "re-emitted prediction for {id} differs"
+            );
+            assert_eq!(
+                copy["features"], copies[0]["features"],
+                "re-emitted features for {id} differ"
+            );
+            assert_eq!(copy["version"], copies[0]["version"]);
+            assert_eq!(copy["variant"], copies[0]["variant"]);
+        }
+        let p = &copies[0];
+        assert_eq!(p["model"], "ctr");
+        let score = p["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score), "{id}: score {score}");
+        let want = &golden[id];
+        for (name, want) in names.iter().zip(want) {
+            let got = p["features"][name]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{id}: feature {name} missing"));
+            assert_feature_eq(id, name, got, *want);
+        }
+    }
+    let extra: Vec<_> = predictions
+        .keys()
+        .filter(|k| !golden.contains_key(*k))
+        .take(3)
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "predictions for unknown events: {extra:?}"
+    );
+    eprintln!(
+        "checked {} impressions against golden; {duplicates} identical re-emissions",
+        impressions.len()
+    );
+    duplicates
+}
+
+/// Each golden user's number of events.
+pub fn golden_event_counts() -> HashMap<String, u64> {
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for (user, _) in golden_events() {
+        *expected.entry(user).or_default() += 1;
+    }
+    expected
+}
+
+/// A user state's lifetime event count (the reference topology's `events_total`).
+pub fn lifetime_events(state: &augur::state::UserState) -> u64 {
+    state
+        .aggs
+        .iter()
+        .find_map(|a| match a {
+            augur::state::AggState::Lifetime(n) => Some(*n),
+            _ => None,
+        })
+        .expect("the reference topology has a lifetime count")
+}
+
+/// Asserts that the users' lifetime event counts equal the golden counts, for every
+/// golden user: no event was applied twice (or skipped).
+pub fn assert_golden_counts(users: &HashMap<String, augur::state::UserState>, what: &str) {
+    let expected = golden_event_counts();
+    for (user, state) in users {
+        assert_eq!(
+            Some(&lifetime_events(state)),
+            expected.get(user),
+            "{what}: user {user}: events applied to state"
+        );
+    }
+    assert_eq!(users.len(), expected.len(), "{what}: every user has state");
+}
+
+fn reference_state_hash() -> u64 {
+    augur::config::Topology::load(&repo_root().join("topologies/ctr.yaml"))
+        .unwrap()
+        .state_hash()
+}
+
+/// The final sled state of one worker: each user's lifetime event count equals its
+/// number of golden events, so no event was applied twice (or skipped).
+pub fn check_state_counts(state_dir: &Path, topic: &str, partitions: i32) {
+    check_latest_state_counts(&[state_dir], topic, partitions);
+}
+
+/// Like [`check_state_counts`] across several workers' state dirs (all stopped): each
+/// partition's state is taken from the dir whose checkpoint of it is the newest, that
+/// is, from its last owner. Returns, per partition, the dirs' checkpointed offsets.
+pub fn check_latest_state_counts(
+    state_dirs: &[&Path],
+    topic: &str,
+    partitions: i32,
+) -> Vec<Vec<Option<i64>>> {
+    let hash = reference_state_hash();
+    let stores: Vec<_> = state_dirs
+        .iter()
+        .filter(|d| d.exists())
+        .map(|d| augur::state::store::StateStore::open(d, hash).unwrap())
+        .collect();
+    let mut users = HashMap::new();
+    let mut offsets = Vec::new();
+    for partition in 0..partitions {
+        let parts: Vec<_> = stores
+            .iter()
+            .map(|s| s.partition(topic, partition).unwrap())
+            .collect();
+        let next: Vec<Option<i64>> = parts.iter().map(|p| p.next_offset().unwrap()).collect();
+        let newest = (0..parts.len()).max_by_key(|i| next[*i]).unwrap();
+        for item in parts[newest].users() {
+            let (user, state) = item.unwrap();
+            assert!(
+                users.insert(user.clone(), state).is_none(),
+                "user {user} has state in two partitions"
+            );
+        }
+        offsets.push(next);
+    }
+    assert_golden_counts(&users, "sled");
+    offsets
+}
+
+/// Every partition of `<app>-changelog` restored the way a worker restores it; the
+/// users' lifetime counts must equal golden. Returns each partition's restored offset.
+pub fn check_changelog_counts(broker: &Broker, changelog: &str, partitions: i32) -> Vec<i64> {
+    let mut users = HashMap::new();
+    let mut offsets = Vec::new();
+    for partition in 0..partitions {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &broker.brokers)
+            .set("group.id", unique("changelog-check"))
+            .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_uncommitted");
+        let restored = augur::state::changelog::restore(
+            config,
+            changelog,
+            partition,
+            Duration::from_millis(1000),
+        )
+        .unwrap();
+        offsets.push(restored.next_offset.unwrap_or(-1));
+        for (user, bytes) in restored.users {
+            let state = augur::state::decode_user_state(&bytes).unwrap();
+            assert!(users.insert(user, state).is_none());
+        }
+    }
+    assert_golden_counts(&users, "changelog");
+    offsets
+}
+
+/// Reads the predictions topic until `want` distinct events have a prediction.
+pub fn wait_for(
+    broker: &Broker,
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    timeout: Duration,
+) -> HashMap<String, Vec<serde_json::Value>> {
+    let messages = broker.read_topic(topic, partitions, timeout, |msgs| {
+        predictions_by_event(msgs).len() >= want
+    });
+    predictions_by_event(&messages)
+}
+
+/// Reads the predictions topic until every golden impression has a prediction.
+pub fn wait_for_all(
+    broker: &Broker,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> HashMap<String, Vec<serde_json::Value>> {
+    wait_for(broker, topic, partitions, GOLDEN_IMPRESSIONS, timeout)
+}
+
+/// Waits for every impression's prediction, gives a wrongly re-emitted copy time to
+/// show up, and reads the whole predictions topic again; returns the predictions with
+/// the number of events predicted more than once.
+pub fn read_all_predictions(
+    broker: &Broker,
+    topics: &Topics,
+    partitions: i32,
+    timeout: Duration,
+) -> (HashMap<String, Vec<serde_json::Value>>, usize) {
+    wait_for_all(broker, &topics.predictions, partitions, timeout);
+    std::thread::sleep(Duration::from_secs(2));
+    let messages = broker.read_topic(
+        &topics.predictions,
+        partitions,
+        Duration::from_secs(5),
+        |_| false,
+    );
+    let predictions = predictions_by_event(&messages);
+    let re_emitted = predictions.values().filter(|c| c.len() > 1).count();
+    (predictions, re_emitted)
+}
+
+/// Like [`read_all_predictions`], then stops the worker cleanly (so its state is
+/// checkpointed).
+pub fn finish_and_count_re_emissions(
+    broker: &Broker,
+    topics: &Topics,
+    partitions: i32,
+    augur: Augur,
+) -> (HashMap<String, Vec<serde_json::Value>>, usize) {
+    let out = read_all_predictions(broker, topics, partitions, Duration::from_secs(120));
+    assert!(augur.terminate(Duration::from_secs(25)));
+    out
 }
