@@ -2,13 +2,21 @@
 //! assigned partition's records to that partition's task. Rebalances are handled here:
 //! an assigned partition resumes from the offset stored with its state in sled; a
 //! revoked one checkpoints and commits before it is let go.
+//!
+//! With `delivery: exactly_once` each assigned partition also gets its transactional
+//! producer here (initialized before the partition's state is chosen, so that a
+//! previous owner's open transaction is aborted first), the consumer commits no offsets
+//! (each transaction commits its partition's), and a partition whose sled state is
+//! behind its last committed transaction is restored from the changelog.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaRespErr;
@@ -17,6 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics as m;
 use crate::pipeline::{PartitionError, PartitionInput, PartitionTask, Shared};
+use crate::sink::PartitionTransactions;
 use crate::state::store::StateStore;
 
 /// Records handed to a partition task per message, at most.
@@ -25,6 +34,8 @@ const MAX_BATCH: usize = 1024;
 const PARTITION_QUEUE: usize = 8;
 /// How long a revoked partition may take to checkpoint.
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long reading the group's committed offsets may take (exactly_once assignment).
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Source {
     thread: std::thread::JoinHandle<()>,
@@ -116,6 +127,18 @@ impl SourceContext {
             .iter()
             .map(|e| e.partition())
             .collect();
+        // delivery: exactly_once: this generation's group metadata (for the offsets in
+        // each transaction) and the offsets the transactions committed.
+        let exactly_once = match &self.shared.transactions {
+            None => None,
+            Some(_) => match self.exactly_once_context(consumer, &topic, &partitions) {
+                Ok(context) => Some(context),
+                Err(error) => {
+                    self.shared.report_fatal(error);
+                    return;
+                }
+            },
+        };
         let mut tasks = self.tasks.lock().expect("tasks lock");
         for partition in partitions {
             let started = self.store.partition(&topic, partition).and_then(|store| {
@@ -129,8 +152,39 @@ impl SourceContext {
                     continue;
                 }
             };
-            if next_offset.is_none() {
-                match self.restore(partition, &mut store) {
+            let mut transactions = None;
+            let mut behind = false;
+            if let (Some(settings), Some((metadata, committed))) =
+                (&self.shared.transactions, &exactly_once)
+            {
+                // Before the state is chosen: a previous owner's open transaction is
+                // aborted by now, so the changelog reads up to the last committed one.
+                match PartitionTransactions::start(
+                    settings,
+                    &topic,
+                    partition,
+                    Arc::clone(metadata),
+                ) {
+                    Ok(t) => transactions = Some(t),
+                    Err(e) => {
+                        self.shared.report_fatal(e.into());
+                        continue;
+                    }
+                }
+                // Sled is written only after a transaction commits, so it can be behind
+                // the last committed transaction (a crash between the two, or an older
+                // copy of this partition's state), never ahead. Resuming from a sled
+                // offset behind it would emit that stretch's outputs a second time.
+                if let Some(&committed) = committed.get(&partition) {
+                    if next_offset.is_some_and(|sled| sled < committed) {
+                        tracing::warn!(partition, sled = next_offset, committed,
+                            "local state is behind the last committed transaction: restoring the partition from the changelog");
+                        behind = true;
+                    }
+                }
+            }
+            if next_offset.is_none() || behind {
+                match self.restore(partition, &mut store, next_offset) {
                     Ok(restored) => next_offset = restored,
                     Err(e) => {
                         self.shared.report_fatal(e);
@@ -150,14 +204,19 @@ impl SourceContext {
             }
             tracing::info!(partition, ?offset, "partition assigned");
             let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
-            let task =
-                match PartitionTask::new(Arc::clone(&self.shared), partition, store, next_offset) {
-                    Ok(task) => task,
-                    Err(e) => {
-                        self.shared.report_fatal(e);
-                        continue;
-                    }
-                };
+            let task = match PartitionTask::new(
+                Arc::clone(&self.shared),
+                partition,
+                store,
+                next_offset,
+                transactions,
+            ) {
+                Ok(task) => task,
+                Err(e) => {
+                    self.shared.report_fatal(e);
+                    continue;
+                }
+            };
             self.runtime.spawn(task.run(rx));
             tasks.insert(partition, tx);
         }
@@ -170,15 +229,56 @@ impl SourceContext {
         }
     }
 
-    /// Restores a partition without local state from the changelog into sled; returns
-    /// the offset to resume at (None: nothing in the changelog, replay the input).
+    /// The consumer's group metadata for this generation, and the next offsets the
+    /// group has committed for `partitions` (with exactly_once, by the transactions).
+    fn exactly_once_context(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<(Arc<ConsumerGroupMetadata>, HashMap<i32, i64>), PartitionError> {
+        let first = partitions.first().copied().unwrap_or(-1);
+        let metadata = consumer
+            .group_metadata()
+            .ok_or_else(|| PartitionError::ExactlyOnce {
+                partition: first,
+                message: "the consumer has no group metadata for the transactions".into(),
+            })?;
+        let mut list = TopicPartitionList::new();
+        for &partition in partitions {
+            let _ = list.add_partition(topic, partition);
+        }
+        let committed = consumer
+            .committed_offsets(list, COMMITTED_TIMEOUT)
+            .map_err(|e| PartitionError::ExactlyOnce {
+                partition: first,
+                message: format!(
+                    "cannot read the group's committed offsets, so cannot tell whether local \
+                     state is behind the last committed transaction: {e}"
+                ),
+            })?;
+        let offsets = committed
+            .elements_for_topic(topic)
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect();
+        Ok((Arc::new(metadata), offsets))
+    }
+
+    /// Restores a partition from the changelog into sled when the changelog's last
+    /// checkpoint is past `local` (the sled offset; None: no local state); returns the
+    /// offset to resume at (None: nothing anywhere, replay the input).
     fn restore(
         &self,
         partition: i32,
         store: &mut crate::state::store::PartitionStore,
+        local: Option<i64>,
     ) -> Result<Option<i64>, PartitionError> {
         let Some((topic, config)) = &self.shared.changelog else {
-            return Ok(None);
+            return Ok(local);
         };
         let started = std::time::Instant::now();
         let p = partition.to_string();
@@ -195,8 +295,19 @@ impl SourceContext {
             partition,
             source,
         })?;
-        let Some(next_offset) = restored.next_offset else {
-            return Ok(None);
+        let Some(next_offset) = restored
+            .next_offset
+            .filter(|&n| local.is_none_or(|l| n > l))
+        else {
+            if local.is_some() {
+                tracing::warn!(
+                    partition,
+                    local,
+                    changelog = restored.next_offset,
+                    "the changelog holds no checkpoint past local state; keeping local state"
+                );
+            }
+            return Ok(local);
         };
         let users = restored.users.len();
         store.restore(restored.users.into_iter(), next_offset)?;
@@ -240,7 +351,8 @@ impl SourceContext {
                 Err(_) => tracing::warn!(partition, "partition did not checkpoint in time"),
             }
         }
-        if offsets.count() > 0 {
+        // With exactly_once the offsets were committed in each partition's transaction.
+        if offsets.count() > 0 && self.shared.transactions.is_none() {
             if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
                 tracing::warn!(error = %e, "commit on revoke failed (state and offsets are safe in sled)");
             }
