@@ -100,6 +100,12 @@ pub const BANDIT_PENDING: &str = "augur_bandit_pending_rewards";
 /// Impressions scored but not tracked for a reward (the pending set was full).
 pub const BANDIT_UNTRACKED: &str = "augur_bandit_untracked_total";
 
+/// Transactions of `delivery: exactly_once`, by outcome (`committed`, `aborted`,
+/// `failed`: neither, the producer being fenced or in a fatal state) and partition.
+pub const TRANSACTIONS: &str = "augur_sink_transactions_total";
+/// Time to add the offsets to a transaction and commit it.
+pub const TRANSACTION_COMMIT_SECONDS: &str = "augur_sink_transaction_commit_duration_seconds";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 ];
@@ -219,4 +225,13 @@ fn describe() {
     describe_counter!(BANDIT_REWARDS, "Bandit rewards settled");
     describe_gauge!(BANDIT_PENDING, "Impressions waiting for a reward");
     describe_counter!(BANDIT_UNTRACKED, "Impressions not tracked for a reward");
+    describe_counter!(
+        TRANSACTIONS,
+        "Transactions (delivery: exactly_once) by outcome"
+    );
+    describe_histogram!(
+        TRANSACTION_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Time to add the offsets to a transaction and commit it"
+    );
 }

@@ -377,6 +377,7 @@ fn a_full_disk_pauses_the_partitions_with_an_alert_and_they_resume_once_space_fr
     wait_for(
         &broker,
         &topics.predictions,
+        PARTITIONS,
         first_impressions,
         Duration::from_secs(120),
     );
@@ -401,8 +402,9 @@ fn a_full_disk_pauses_the_partitions_with_an_alert_and_they_resume_once_space_fr
     std::fs::remove_file(filler).unwrap();
     let resolved = wait_for_alert(&broker, &alerts, "state_store_failed", "resolved");
     eprintln!("alert: {resolved}");
-    let (predictions, re_emitted) = finish_and_count_re_emissions(&broker, &topics, augur);
+    let (predictions, re_emitted) =
+        finish_and_count_re_emissions(&broker, &topics, PARTITIONS, augur);
     eprintln!("{re_emitted} predictions re-emitted after the store recovered");
     check_against_golden(&predictions);
-    check_state_counts(&state, &topics.events);
+    check_state_counts(&state, &topics.events, PARTITIONS);
 }

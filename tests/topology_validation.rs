@@ -173,6 +173,66 @@ fn invalid_topologies_are_refused_with_the_path_of_each_problem() {
     }
 }
 
+fn validate_with_env(text: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.yaml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(augur_bin())
+        .arg("validate")
+        .arg(&path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+#[test]
+fn exactly_once_delivery_is_validated_with_the_path_of_each_bad_setting() {
+    // Accepted on its own, in the file or from the environment.
+    let eos = with("app: ctr\n", "app: ctr\ndelivery: exactly_once\n");
+    let (ok, out) = validate(&eos);
+    assert!(ok, "{out}");
+    let (ok, out) = validate_with_env(&reference(), &[("AUGUR__DELIVERY", "exactly_once")]);
+    assert!(ok, "{out}");
+    // Settings that would break the transactions are refused, each with its path.
+    let bad = eos.replace(
+        "  producer: {}",
+        "  producer:\n    transactional.id: mine\n    enable.idempotence: false",
+    );
+    let (ok, out) = validate(&bad);
+    assert!(!ok, "accepted: {out}");
+    assert!(
+        out.contains("kafka.producer.transactional.id: augur sets the transactional id itself"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kafka.producer.enable.idempotence: delivery: exactly_once needs the idempotent producer"),
+        "{out}"
+    );
+    // From the environment, the variable is named.
+    let (ok, out) = validate_with_env(
+        &reference(),
+        &[
+            ("AUGUR__DELIVERY", "exactly_once"),
+            ("AUGUR_KAFKA__CONSUMER__ISOLATION_LEVEL", "read_uncommitted"),
+        ],
+    );
+    assert!(!ok, "accepted: {out}");
+    assert!(
+        out.contains("kafka.consumer.isolation.level (set by AUGUR_KAFKA__CONSUMER__ISOLATION_LEVEL): delivery: exactly_once"),
+        "{out}"
+    );
+    let (ok, out) = validate_with_env(&reference(), &[("AUGUR__DELIVERY", "twice")]);
+    assert!(!ok, "accepted: {out}");
+    assert!(
+        out.contains("delivery (set by AUGUR__DELIVERY): unknown delivery \"twice\""),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_missing_file_is_named() {
     let out = Command::new(augur_bin())

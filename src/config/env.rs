@@ -159,6 +159,7 @@ const TOPOLOGY: &[Key] = &[
     ("online_store", Section(ONLINE_STORE)),
     ("experiment", Section(EXPERIMENT)),
     ("monitoring", Section(MONITORING)),
+    ("delivery", Text),
 ];
 
 /// Whether an environment variable is a topology override: `AUGUR` or `AUGUR_<...>`

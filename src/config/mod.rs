@@ -88,6 +88,34 @@ pub struct Topology {
     pub experiment: Option<ExperimentConfig>,
     #[serde(default)]
     pub monitoring: MonitoringConfig,
+    /// `at_least_once` (default: outputs acknowledged before the checkpoint, re-emitted
+    /// identically after a crash) or `exactly_once` (Kafka transactions per input
+    /// partition; see README "Delivery guarantees").
+    #[serde(default = "default_delivery")]
+    pub delivery: String,
+}
+
+/// How outputs reach Kafka relative to the input offsets (`delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Outputs acknowledged, then state and offset checkpointed; re-emitted identically
+    /// after a crash.
+    AtLeastOnce,
+    /// Outputs, changelog records and input offsets committed in one Kafka transaction
+    /// per partition and checkpoint.
+    ExactlyOnce,
+}
+
+impl Delivery {
+    pub const NAMES: [&'static str; 2] = ["at_least_once", "exactly_once"];
+
+    pub fn parse(name: &str) -> Option<Delivery> {
+        match name {
+            "at_least_once" => Some(Delivery::AtLeastOnce),
+            "exactly_once" => Some(Delivery::ExactlyOnce),
+            _ => None,
+        }
+    }
 }
 
 /// Live drift and quality monitoring, with alert thresholds. An alert fires when its
@@ -502,6 +530,9 @@ fn default_max_hot_bytes() -> String {
 fn default_store_cache_bytes() -> String {
     "128MiB".into()
 }
+fn default_delivery() -> String {
+    "at_least_once".into()
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:9898".into()
 }
@@ -768,7 +799,86 @@ impl Topology {
                 "must be positive",
             ));
         }
+        self.validate_delivery(&mut problems);
         problems
+    }
+
+    /// `delivery`, and the librdkafka settings that would break it.
+    fn validate_delivery(&self, problems: &mut Vec<Problem>) {
+        let Some(delivery) = Delivery::parse(&self.delivery) else {
+            problems.push(Problem::new(
+                "delivery",
+                format!(
+                    "unknown delivery \"{}\" (expected {})",
+                    self.delivery,
+                    Delivery::NAMES.join(" or ")
+                ),
+            ));
+            return;
+        };
+        let setting = |map: &BTreeMap<String, ConfigValue>, key: &str| {
+            map.get(key)
+                .map(|v| v.to_string().trim().to_ascii_lowercase())
+        };
+        let producer = &self.kafka.producer;
+        let consumer = &self.kafka.consumer;
+        if setting(producer, "transactional.id").is_some() {
+            let message = match delivery {
+                Delivery::ExactlyOnce => {
+                    "augur sets the transactional id itself with delivery: exactly_once \
+                     (one per input partition, <group>-<topic>-<partition>, so that a \
+                     restarted or new owner fences the old one); remove it"
+                }
+                Delivery::AtLeastOnce => {
+                    "a transactional producer needs delivery: exactly_once (augur then sets \
+                     one transactional id per input partition); remove it"
+                }
+            };
+            problems.push(Problem::new("kafka.producer.transactional.id", message));
+        }
+        if delivery != Delivery::ExactlyOnce {
+            return;
+        }
+        if let Some(value) = setting(producer, "enable.idempotence") {
+            if !matches!(value.as_str(), "true" | "t" | "1") {
+                problems.push(Problem::new(
+                    "kafka.producer.enable.idempotence",
+                    "delivery: exactly_once needs the idempotent producer (transactions \
+                     imply it); remove the setting",
+                ));
+            }
+        }
+        if let Some(value) = setting(producer, "acks") {
+            if !matches!(value.as_str(), "all" | "-1") {
+                problems.push(Problem::new(
+                    "kafka.producer.acks",
+                    "delivery: exactly_once needs acks=all (the idempotent, transactional \
+                     producer); remove the setting",
+                ));
+            }
+        }
+        if setting(consumer, "isolation.level").is_some_and(|v| v != "read_committed") {
+            problems.push(Problem::new(
+                "kafka.consumer.isolation.level",
+                "delivery: exactly_once reads the changelog and the input with \
+                 read_committed (records of aborted transactions must not be read); remove \
+                 the setting",
+            ));
+        }
+        if setting(consumer, "enable.auto.commit")
+            .is_some_and(|v| !matches!(v.as_str(), "false" | "f" | "0"))
+        {
+            problems.push(Problem::new(
+                "kafka.consumer.enable.auto.commit",
+                "delivery: exactly_once commits the input offsets inside each transaction; \
+                 an automatic commit outside it would break that; remove the setting",
+            ));
+        }
+    }
+
+    /// The delivery mode; the topology must have been validated.
+    pub fn delivery(&self) -> Delivery {
+        Delivery::parse(&self.delivery).expect("validated")
     }
 
     /// The online store's key layout for these features.
@@ -1034,5 +1144,95 @@ fn check_topic(problems: &mut Vec<Problem>, path: &str, topic: &str) {
             path,
             format!("\"{topic}\" is not a legal Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)"),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference() -> Topology {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/ctr.yaml"))
+                .unwrap();
+        Topology::parse(&text).unwrap()
+    }
+
+    fn problems(t: &Topology) -> Vec<String> {
+        t.validate().iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn delivery_defaults_to_at_least_once_and_accepts_exactly_once() {
+        let mut t = reference();
+        assert_eq!(t.delivery, "at_least_once");
+        assert_eq!(t.delivery(), Delivery::AtLeastOnce);
+        t.delivery = "exactly_once".into();
+        assert!(problems(&t).is_empty(), "{:?}", problems(&t));
+        assert_eq!(t.delivery(), Delivery::ExactlyOnce);
+        // Settings that agree with transactions are fine.
+        for (key, value) in [("enable.idempotence", "true"), ("acks", "all")] {
+            t.kafka
+                .producer
+                .insert(key.into(), ConfigValue::Text(value.into()));
+        }
+        t.kafka.consumer.insert(
+            "isolation.level".into(),
+            ConfigValue::Text("read_committed".into()),
+        );
+        assert!(problems(&t).is_empty(), "{:?}", problems(&t));
+    }
+
+    #[test]
+    fn exactly_once_refuses_settings_that_break_it_naming_each_path() {
+        let mut t = reference();
+        t.delivery = "exactly_once".into();
+        let producer = &mut t.kafka.producer;
+        producer.insert("transactional.id".into(), ConfigValue::Text("mine".into()));
+        producer.insert("enable.idempotence".into(), ConfigValue::Bool(false));
+        producer.insert("acks".into(), ConfigValue::Integer(1));
+        let consumer = &mut t.kafka.consumer;
+        consumer.insert(
+            "isolation.level".into(),
+            ConfigValue::Text("read_uncommitted".into()),
+        );
+        consumer.insert("enable.auto.commit".into(), ConfigValue::Bool(true));
+        let got = problems(&t);
+        assert_eq!(got.len(), 5, "{got:?}");
+        for prefix in [
+            "kafka.producer.transactional.id: augur sets the transactional id itself",
+            "kafka.producer.enable.idempotence: delivery: exactly_once needs the idempotent producer",
+            "kafka.producer.acks: delivery: exactly_once needs acks=all",
+            "kafka.consumer.isolation.level: delivery: exactly_once reads",
+            "kafka.consumer.enable.auto.commit: delivery: exactly_once commits",
+        ] {
+            assert!(got.iter().any(|p| p.starts_with(prefix)), "{prefix}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn at_least_once_refuses_a_transactional_id_and_unknown_modes_are_named() {
+        let mut t = reference();
+        t.kafka
+            .producer
+            .insert("transactional.id".into(), ConfigValue::Text("mine".into()));
+        // At least once only cares about the transactional id.
+        t.kafka
+            .consumer
+            .insert("enable.auto.commit".into(), ConfigValue::Bool(false));
+        let got = problems(&t);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with(
+                "kafka.producer.transactional.id: a transactional producer needs delivery: exactly_once"
+            ),
+            "{got:?}"
+        );
+        let mut t = reference();
+        t.delivery = "exactly-once".into();
+        assert_eq!(
+            problems(&t),
+            ["delivery: unknown delivery \"exactly-once\" (expected at_least_once or exactly_once)"]
+        );
     }
 }

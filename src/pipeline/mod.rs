@@ -16,13 +16,13 @@ pub use partition::{Control, PartitionTask};
 
 use crate::alerts::Alerts;
 use crate::codec::{Codec, TypeMask};
-use crate::config::Topology;
+use crate::config::{Delivery, Topology};
 use crate::features::FeatureSet;
 use crate::model::{DirRegistry, ModelError, ModelRegistry};
 use crate::serving::experiment::Split;
-use crate::serving::shadow::ShadowQueue;
+use crate::serving::shadow::ShadowOutput;
 use crate::serving::{ModelCommand, ModelManager, ModelSet};
-use crate::sink::{DeliveryError, OutputProducer};
+use crate::sink::{DeliveryError, OutputProducer, TransactionError, TransactionSettings};
 use crate::state::store::{StateStore, StoreError};
 use crate::stats::Stats;
 
@@ -36,6 +36,8 @@ pub enum PartitionError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Transaction(#[from] Box<TransactionError>),
     #[error("partition {partition}: stored state of user {user:?} does not match the topology's features")]
     StateShape { partition: i32, user: String },
     #[error("restoring partition {partition} from {topic}: {source}")]
@@ -44,6 +46,9 @@ pub enum PartitionError {
         partition: i32,
         source: rdkafka::error::KafkaError,
     },
+    /// `delivery: exactly_once` cannot start a partition safely.
+    #[error("partition {partition}: {message}")]
+    ExactlyOnce { partition: i32, message: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,9 +147,37 @@ impl WorkerSettings {
         for (key, value) in &self.topology.kafka.consumer {
             config.set(key, value.to_string());
         }
+        if self.topology.delivery() == Delivery::ExactlyOnce {
+            // librdkafka's default too; set so that nothing can change it (validation
+            // refuses another value in kafka.consumer).
+            config.set("isolation.level", "read_committed");
+        }
         config
     }
+
+    /// With `delivery: exactly_once`, what the partitions' transactional producers need.
+    pub fn transaction_settings(&self) -> Option<TransactionSettings> {
+        if self.topology.delivery() != Delivery::ExactlyOnce {
+            return None;
+        }
+        let mut producer = self.producer_config();
+        if producer.get("transaction.timeout.ms").is_none() {
+            // A transaction spans one checkpoint interval (and the batch in flight);
+            // librdkafka's default of 60 s unless the interval needs more.
+            let timeout = (self.topology.checkpoint_interval() * 3).max(Duration::from_secs(60));
+            producer.set("transaction.timeout.ms", timeout.as_millis().to_string());
+        }
+        Some(TransactionSettings {
+            producer,
+            group: self.group.clone(),
+            timeout: TRANSACTION_CALL_TIMEOUT,
+        })
+    }
 }
+
+/// How long one transaction call (init, send offsets, commit, abort) may take; below the
+/// time a revoked partition has to checkpoint.
+const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The changelog topic if it exists; otherwise says what that means, once.
 async fn find_changelog(
@@ -165,6 +198,11 @@ async fn find_changelog(
     tracing::info!(topic, "writing state changes to the changelog");
     let mut config = settings.client_config(&settings.topology.kafka.consumer);
     config.set("group.id", format!("{}-restore", settings.group));
+    if settings.topology.delivery() == Delivery::ExactlyOnce {
+        // Only committed checkpoints: the records of an aborted transaction (or of one
+        // still open) are never restored.
+        config.set("isolation.level", "read_committed");
+    }
     Some((topic, config))
 }
 
@@ -192,7 +230,7 @@ pub struct Shared {
     pub models: tokio::sync::watch::Receiver<Arc<ModelSet>>,
     pub experiment: Option<Experiment>,
     /// Where scored batches go for the shadow models, when the topology names any.
-    pub shadow: Option<ShadowQueue>,
+    pub shadow: Option<ShadowOutput>,
     /// Where scored rows and settled labels go for drift and quality monitoring.
     pub monitor: Option<crate::monitor::MonitorHandle>,
     /// The changelog topic, when it exists, and the client settings to restore from it.
@@ -214,6 +252,10 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// The online-store mirror, when one is configured.
     pub mirror: Option<Arc<crate::online_store::Mirror>>,
+    /// `delivery: exactly_once`: each partition's outputs, changelog records and input
+    /// offset go through its own transactional producer, and the consumer never
+    /// commits offsets itself. None: at least once.
+    pub transactions: Option<TransactionSettings>,
     commits: std::sync::mpsc::Sender<(i32, i64)>,
     /// State store failures, for the source to pause and recover from.
     store_faults: std::sync::mpsc::Sender<StoreFault>,
@@ -313,6 +355,15 @@ pub async fn run_worker(
         settings.topology_dir.join(&topology.model.registry),
     ));
     let producer = OutputProducer::create(settings.producer_config())?;
+    let transactions = settings.transaction_settings();
+    let changelog = find_changelog(&settings, &producer).await;
+    if transactions.is_some() && changelog.is_none() {
+        return Err(WorkerError::Other(format!(
+            "delivery: exactly_once needs the changelog topic {} (partitioned like the input): \
+             it is how a partition's state is restored to its last committed transaction",
+            topology.changelog_topic()
+        )));
+    }
     let alerts = Alerts::new(
         &topology.app,
         topology.alerts_topic(),
@@ -342,6 +393,9 @@ pub async fn run_worker(
     ));
     let (shadow, shadow_thread) = if topology.model.shadows.is_empty() {
         (None, None)
+    } else if transactions.is_some() {
+        let (topic, codec) = topology.shadow_topic();
+        (Some(ShadowOutput::Inline { topic, codec }), None)
     } else {
         let (topic, codec) = topology.shadow_topic();
         let (queue, thread) = crate::serving::shadow::start(
@@ -350,7 +404,7 @@ pub async fn run_worker(
             codec,
             tokio::runtime::Handle::current(),
         );
-        (Some(queue), Some(thread))
+        (Some(ShadowOutput::Queue(queue)), Some(thread))
     };
 
     let store = StateStore::open_with_cache(
@@ -402,7 +456,7 @@ pub async fn run_worker(
         experiment: Experiment::from_topology(topology),
         shadow,
         monitor,
-        changelog: find_changelog(&settings, &producer).await,
+        changelog,
         codec: topology.source_codec(),
         predictions_topic: topology.sinks.predictions.topic.clone(),
         predictions_codec: topology.predictions_codec(),
@@ -417,6 +471,7 @@ pub async fn run_worker(
         producer: producer.clone(),
         stats,
         mirror,
+        transactions,
         commits: commit_tx,
         store_faults: fault_tx,
         fatal: fatal_tx,
@@ -441,7 +496,8 @@ pub async fn run_worker(
         Arc::clone(&ready),
         tokio::runtime::Handle::current(),
     )?;
-    tracing::info!(topic = %shared.topic, group = %settings.group, instance = %settings.instance_id, "worker started");
+    tracing::info!(topic = %shared.topic, group = %settings.group, instance = %settings.instance_id,
+        delivery = %topology.delivery, "worker started");
 
     let failure = tokio::select! {
         () = shutdown => None,

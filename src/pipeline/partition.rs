@@ -17,9 +17,14 @@ use crate::metrics as m;
 use crate::monitor::{Labeled, MonitorInput};
 use crate::online_store::FeatureUpdate;
 use crate::serving::experiment::{decode_pending, encode_pending, Bandit, ClickJoin, Posteriors};
-use crate::serving::shadow::{ShadowBatch, ShadowEvent};
+use crate::serving::shadow::{
+    score_batch, ShadowBatch, ShadowEvent, ShadowOutput, ShadowRecord, ShadowScratch,
+};
 use crate::serving::ModelSet;
-use crate::sink::{dead_letter_headers, encode_prediction, PendingDeliveries, Prediction};
+use crate::sink::{
+    dead_letter_headers, encode_prediction, OutputProducer, PartitionTransactions,
+    PendingDeliveries, Prediction,
+};
 use crate::state::store::BanditChanges;
 use crate::state::store::PartitionStore;
 use crate::state::UserState;
@@ -78,6 +83,15 @@ pub struct PartitionTask {
     /// Next offset to process; None until known (no checkpoint and no record yet).
     next_offset: Option<i64>,
     checkpointed: Option<i64>,
+    /// Where this partition's outputs go: the worker's shared producer, or with
+    /// `delivery: exactly_once` the partition's transactional one.
+    output: OutputProducer,
+    /// `delivery: exactly_once`: the partition's transactional producer and whether a
+    /// transaction is open.
+    txn: Option<PartitionTransactions>,
+    /// Shadow scoring on this task (exactly_once only).
+    shadow_scratch: ShadowScratch,
+    shadow_records: Vec<ShadowRecord>,
     pending: PendingDeliveries,
     scratch: Scratch,
     values: Vec<f64>,
@@ -122,6 +136,7 @@ impl PartitionTask {
         partition: i32,
         store: PartitionStore,
         next_offset: Option<i64>,
+        txn: Option<PartitionTransactions>,
     ) -> Result<Self, PartitionError> {
         let topic = shared.topic.clone();
         let p = partition.to_string();
@@ -141,6 +156,10 @@ impl PartitionTask {
         };
         let arms = shared.experiment.as_ref().map_or(1, |e| e.arms.len());
         let models = shared.models.borrow().clone();
+        let output = match &txn {
+            Some(txn) => txn.producer().clone(),
+            None => shared.producer.clone(),
+        };
         Ok(PartitionTask {
             events_counter: metrics::counter!(m::SOURCE_EVENTS, "topic" => topic.clone(), "partition" => p.clone()),
             prediction_counters: HashMap::new(),
@@ -174,6 +193,10 @@ impl PartitionTask {
             dirty: Vec::new(),
             next_offset,
             checkpointed: next_offset,
+            output,
+            txn,
+            shadow_scratch: ShadowScratch::default(),
+            shadow_records: Vec::new(),
             pending: PendingDeliveries::default(),
             scratch: Scratch::default(),
             values: vec![0.0; width],
@@ -188,7 +211,8 @@ impl PartitionTask {
     }
 
     /// Runs until told to stop or until an error that forbids going on (an output not
-    /// acknowledged, a state store failure); such an error is reported to the worker.
+    /// acknowledged, a state store failure, a failed transaction); such an error is
+    /// reported to the worker.
     pub async fn run(
         mut self,
         mut records: mpsc::Receiver<Vec<OwnedMessage>>,
@@ -203,18 +227,22 @@ impl PartitionTask {
                     match command {
                         Some(Control::Stop(reply)) => {
                             let result = self.checkpoint().await;
+                            self.close().await;
                             let _ = reply.send(result.as_ref().ok().and(self.checkpointed));
                             if let Err(e) = result {
                                 self.fail(e);
                             }
                         }
                         Some(Control::Abandon(reply)) => {
+                            self.close().await;
                             drop(self);
                             let _ = reply.send(None);
                         }
                         // The source is gone (the worker is stopping).
                         None => {
-                            if let Err(e) = self.checkpoint().await {
+                            let result = self.checkpoint().await;
+                            self.close().await;
+                            if let Err(e) = result {
                                 self.fail(e);
                             }
                         }
@@ -225,7 +253,9 @@ impl PartitionTask {
                 batch = records.recv() => match batch {
                     Some(batch) => self.process(batch).await,
                     None => {
-                        if let Err(e) = self.checkpoint().await {
+                        let result = self.checkpoint().await;
+                        self.close().await;
+                        if let Err(e) = result {
                             self.fail(e);
                         }
                         return;
@@ -233,6 +263,7 @@ impl PartitionTask {
                 },
             };
             if let Err(e) = outcome {
+                self.close().await;
                 self.fail(e);
                 return;
             }
@@ -245,6 +276,37 @@ impl PartitionTask {
         match error {
             PartitionError::Store(e) => self.shared.report_store_fault(self.partition, e),
             other => self.shared.report_fatal(other),
+        }
+    }
+
+    /// exactly_once: aborts a transaction left open by an error and releases the
+    /// transactional producer.
+    async fn close(&mut self) {
+        if let Some(txn) = self.txn.take() {
+            txn.close().await;
+        }
+    }
+
+    /// exactly_once: begins a transaction unless one is open (before any output).
+    async fn begin(&mut self) -> Result<(), PartitionError> {
+        if let Some(txn) = &mut self.txn {
+            txn.begin().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every output sent so far is acknowledged. With exactly_once a
+    /// failure aborts the open transaction.
+    async fn wait_outputs(&mut self) -> Result<(), PartitionError> {
+        let Err(e) = self.pending.wait_all().await else {
+            return Ok(());
+        };
+        match &mut self.txn {
+            Some(txn) => {
+                let operation = format!("delivering a {} record", e.output);
+                Err(txn.fail(&operation, e.source).await.into())
+            }
+            None => Err(e.into()),
         }
     }
 
@@ -268,7 +330,7 @@ impl PartitionTask {
             }
             match decoded {
                 Ok(event) => self.apply(event, record, received_us).await?,
-                Err(rejection) => self.dead_letter(record, &rejection).await,
+                Err(rejection) => self.dead_letter(record, &rejection).await?,
             }
         }
         self.score_and_emit().await?;
@@ -279,7 +341,7 @@ impl PartitionTask {
             }
         }
         if self.pending.len() > MAX_PENDING {
-            self.pending.wait_all().await?;
+            self.wait_outputs().await?;
         }
         Ok(())
     }
@@ -366,9 +428,9 @@ impl PartitionTask {
                 late.behind_ms,
                 self.shared.features.lateness_ms()
             );
-            self.dead_letter(record, &Rejection::new(Reason::Late, detail))
+            return self
+                .dead_letter(record, &Rejection::new(Reason::Late, detail))
                 .await;
-            return Ok(());
         }
         if self.shared.mirror.is_some() {
             match &mut user.last {
@@ -473,7 +535,12 @@ impl PartitionTask {
         metrics::gauge!(m::BANDIT_PENDING, "partition" => p).set(bandit.pending() as f64);
     }
 
-    async fn dead_letter(&mut self, record: &OwnedMessage, rejection: &Rejection) {
+    async fn dead_letter(
+        &mut self,
+        record: &OwnedMessage,
+        rejection: &Rejection,
+    ) -> Result<(), PartitionError> {
+        self.begin().await?;
         let shared = &self.shared;
         metrics::counter!(m::DEAD_LETTERS, "reason" => rejection.reason.as_str()).increment(1);
         shared.stats.dead_letters.fetch_add(1, Relaxed);
@@ -487,8 +554,7 @@ impl PartitionTask {
         );
         tracing::debug!(partition = self.partition, offset = record.offset(), reason = %rejection.reason,
             detail = %rejection.detail, "dead-lettered");
-        shared
-            .producer
+        self.output
             .send(
                 &shared.dead_letter_topic,
                 record.key(),
@@ -498,6 +564,7 @@ impl PartitionTask {
                 "dead_letter",
             )
             .await;
+        Ok(())
     }
 
     async fn score_and_emit(&mut self) -> Result<(), PartitionError> {
@@ -533,6 +600,7 @@ impl PartitionTask {
             self.score_by_arm(&models, stride)?;
         }
         self.stage_ns[SCORE] += scoring.elapsed().as_nanos() as u64;
+        self.begin().await?;
         let producing = Instant::now();
         let variants: Vec<&str> = match &shared.experiment {
             Some(e) => e.arms.iter().map(String::as_str).collect(),
@@ -563,8 +631,7 @@ impl PartitionTask {
                 },
                 &mut self.buffer,
             );
-            shared
-                .producer
+            self.output
                 .send(
                     &shared.predictions_topic,
                     Some(scored.event.user_id.as_bytes()),
@@ -597,7 +664,7 @@ impl PartitionTask {
             });
         }
         self.join_labels(Some(&models));
-        if let Some(queue) = &shared.shadow {
+        if let Some(shadow) = &shared.shadow {
             if !models.shadows.is_empty() {
                 let served = self
                     .scored
@@ -614,13 +681,38 @@ impl PartitionTask {
                         received_us: s.received_us,
                     })
                     .collect();
-                queue.offer(ShadowBatch {
+                let batch = ShadowBatch {
                     set: Arc::clone(&models),
                     stride,
                     rows: std::mem::take(&mut self.rows),
                     served,
                     events,
-                });
+                };
+                match shadow {
+                    ShadowOutput::Queue(queue) => queue.offer(batch),
+                    ShadowOutput::Inline { topic, codec } => {
+                        self.shadow_records.clear();
+                        score_batch(
+                            &batch,
+                            *codec,
+                            &mut self.shadow_scratch,
+                            &mut self.shadow_records,
+                        );
+                        for record in &self.shadow_records {
+                            let key = batch.events[record.event].event.user_id.as_bytes();
+                            self.output
+                                .send(
+                                    topic,
+                                    Some(key),
+                                    &record.bytes,
+                                    None,
+                                    &mut self.pending,
+                                    "shadow_prediction",
+                                )
+                                .await;
+                        }
+                    }
+                }
             }
         }
         self.scored.clear();
@@ -703,6 +795,22 @@ impl PartitionTask {
 
     /// Outputs acknowledged → changed users and next offset in one sled batch → offset
     /// handed to the consumer for commit. Then idle, clean users leave the hot map.
+    ///
+    /// With `delivery: exactly_once`: changelog records sent → outputs acknowledged →
+    /// next offset added to the transaction and the transaction committed → sled batch;
+    /// the consumer commits nothing (the transaction did).
+    ///
+    /// Why sled and the transaction agree: sled is written only after the commit
+    /// returned, so sled is never ahead of the committed transactions. It is behind in
+    /// one window: the commit succeeded (or succeeded on the broker though the call
+    /// failed, e.g. timed out) and the process died, or the sled write failed, before
+    /// the sled batch. The restart then finds the group's committed offset (written by
+    /// the transaction) past the sled offset, and restores the partition from the
+    /// changelog, read with read_committed, whose last marker is that same committed
+    /// offset (`source::SourceContext::assign`); resuming from sled would emit the
+    /// window's outputs twice. A failure before the commit aborts the transaction (or
+    /// leaves it to the broker to abort): nothing of it is visible to read_committed
+    /// readers, sled still holds the previous checkpoint, and the restart resumes there.
     async fn checkpoint(&mut self) -> Result<(), PartitionError> {
         let Some(next_offset) = self.next_offset else {
             return Ok(());
@@ -710,12 +818,16 @@ impl PartitionTask {
         if self.checkpointed == Some(next_offset)
             && self.dirty.is_empty()
             && self.pending.is_empty()
+            && !self.txn.as_ref().is_some_and(|t| t.is_open())
         {
             return Ok(());
         }
         let started = Instant::now();
-        self.write_changelog(next_offset).await;
-        self.pending.wait_all().await?;
+        self.write_changelog(next_offset).await?;
+        self.wait_outputs().await?;
+        if let Some(txn) = &mut self.txn {
+            txn.commit(next_offset).await?;
+        }
         let users = &self.users;
         let dirty = self
             .dirty
@@ -755,7 +867,9 @@ impl PartitionTask {
             self.unmirrored = mirror.offer(changed);
         }
         self.checkpointed = Some(next_offset);
-        self.shared.request_commit(self.partition, next_offset);
+        if self.txn.is_none() {
+            self.shared.request_commit(self.partition, next_offset);
+        }
         self.checkpoint_histogram
             .record(started.elapsed().as_secs_f64());
         self.evict_idle();
@@ -807,20 +921,22 @@ impl PartitionTask {
     }
 
     /// Each changed user's state, then the marker with the offset they are valid at;
-    /// acknowledged with the other outputs before the checkpoint reaches sled.
-    async fn write_changelog(&mut self, next_offset: i64) {
+    /// acknowledged with the other outputs before the checkpoint reaches sled (with
+    /// exactly_once, in the partition's transaction).
+    async fn write_changelog(&mut self, next_offset: i64) -> Result<(), PartitionError> {
         let Some((topic, _)) = &self.shared.changelog else {
-            return;
+            return Ok(());
         };
-        let shared = Arc::clone(&self.shared);
+        let topic = topic.clone();
+        self.begin().await?;
+        let topic = topic.as_str();
         for user in &self.dirty {
             let Some(hot) = self.users.get(user) else {
                 continue;
             };
             self.buffer.clear();
             crate::state::encode_user_state(&hot.state, &mut self.buffer);
-            shared
-                .producer
+            self.output
                 .send_to(
                     topic,
                     Some(self.partition),
@@ -837,8 +953,7 @@ impl PartitionTask {
             key: crate::state::changelog::OFFSET_HEADER,
             value: Some(offset.as_str()),
         });
-        shared
-            .producer
+        self.output
             .send_to(
                 topic,
                 Some(self.partition),
@@ -849,6 +964,7 @@ impl PartitionTask {
                 "changelog",
             )
             .await;
+        Ok(())
     }
 
     fn evict_idle(&mut self) {

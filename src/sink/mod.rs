@@ -2,6 +2,7 @@
 //! contract; the producer itself lives in [`producer`].
 
 pub mod producer;
+pub mod transaction;
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -9,6 +10,7 @@ use serde::Serialize;
 use crate::codec::{Codec, Event};
 
 pub use producer::{dead_letter_headers, DeliveryError, OutputProducer, PendingDeliveries};
+pub use transaction::{PartitionTransactions, TransactionError, TransactionSettings};
 
 /// Header names on dead-letter records. The original headers are kept beside them.
 pub mod headers {

@@ -33,8 +33,20 @@ pub struct PendingDeliveries {
 
 impl OutputProducer {
     /// Builds the producer from the client settings; idempotence is always on.
-    pub fn create(mut config: ClientConfig) -> Result<OutputProducer, KafkaError> {
+    pub fn create(config: ClientConfig) -> Result<OutputProducer, KafkaError> {
+        Self::create_with(config, None)
+    }
+
+    /// Like [`OutputProducer::create`], with a `transactional.id` when given (see
+    /// [`super::transaction`]).
+    pub(crate) fn create_with(
+        mut config: ClientConfig,
+        transactional_id: Option<&str>,
+    ) -> Result<OutputProducer, KafkaError> {
         config.set("enable.idempotence", "true");
+        if let Some(id) = transactional_id {
+            config.set("transactional.id", id);
+        }
         if config.get("message.max.bytes").is_none() {
             // Dead letters carry the original (possibly oversized) record.
             config.set("message.max.bytes", "67108864");
@@ -119,6 +131,11 @@ impl OutputProducer {
                     .iter()
                     .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
             })
+    }
+
+    /// The underlying producer, for the transaction calls.
+    pub(crate) fn inner(&self) -> &FutureProducer {
+        &self.inner
     }
 
     /// Flushes everything queued, for shutdown.

@@ -14,6 +14,12 @@
 //! A failing state store (a full disk, an I/O error) pauses every partition, raises an
 //! alert, and is reopened with backoff; the partitions then resume from their last
 //! checkpoints.
+//!
+//! With `delivery: exactly_once` each assigned partition also gets its transactional
+//! producer here, initialized before the partition's state is chosen (so a previous
+//! owner's open transaction is aborted first and the read_committed changelog ends at
+//! the last committed checkpoint), and the consumer commits no offsets: each
+//! transaction commits its partition's.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaRespErr;
@@ -33,6 +41,7 @@ use tokio::sync::mpsc;
 use crate::alerts::Alerts;
 use crate::metrics as m;
 use crate::pipeline::{Control, PartitionError, PartitionTask, Shared, StoreFault};
+use crate::sink::PartitionTransactions;
 use crate::state::store::{PartitionStore, StateStore, StoreError};
 
 /// Records handed to a partition task per message, at most.
@@ -203,8 +212,11 @@ impl SourceContext {
             .map(|e| e.partition())
             .collect();
         self.wait_for_stopping(&partitions);
+        let Ok(group) = self.group_metadata(consumer) else {
+            return;
+        };
         let mut running = Vec::new();
-        for (partition, offset) in self.start_partitions(&partitions) {
+        for (partition, offset) in self.start_partitions(&partitions, group) {
             // Without an offset the partition waits, paused, for the state store.
             if let Some(offset) = offset {
                 if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
@@ -230,6 +242,28 @@ impl SourceContext {
             "assignment ready"
         );
         *self.unsplit.lock().expect("unsplit lock") = running;
+    }
+
+    /// exactly_once: this generation's group metadata, for the input offsets each
+    /// transaction commits (None: at least once). Without it nothing can start.
+    #[allow(clippy::result_unit_err)]
+    fn group_metadata(
+        &self,
+        consumer: &BaseConsumer<Self>,
+    ) -> Result<Option<Arc<ConsumerGroupMetadata>>, ()> {
+        if self.shared.transactions.is_none() {
+            return Ok(None);
+        }
+        match consumer.group_metadata() {
+            Some(metadata) => Ok(Some(Arc::new(metadata))),
+            None => {
+                self.shared.report_fatal(PartitionError::ExactlyOnce {
+                    partition: -1,
+                    message: "the consumer has no group metadata for the transactions".into(),
+                });
+                Err(())
+            }
+        }
     }
 
     /// Waits until the earlier tasks of these partitions that were released before
@@ -261,7 +295,11 @@ impl SourceContext {
     /// long as its slowest restore), and spawns its task. Returns each partition's
     /// start offset, or None when it cannot start now (its store failed: the fault is
     /// reported; or a fatal error was).
-    fn start_partitions(&self, partitions: &[i32]) -> Vec<(i32, Option<Offset>)> {
+    fn start_partitions(
+        &self,
+        partitions: &[i32],
+        group: Option<Arc<ConsumerGroupMetadata>>,
+    ) -> Vec<(i32, Option<Offset>)> {
         let topic = &self.shared.topic;
         let mut opened = Vec::new();
         let mut out = Vec::new();
@@ -284,25 +322,47 @@ impl SourceContext {
                 }
             }
         }
-        let resumed: Vec<(i32, PartitionStore, Result<Option<i64>, PartitionError>)> =
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = opened
-                    .into_iter()
-                    .map(|(partition, mut store, local)| {
-                        scope.spawn(move || {
-                            let next = self.resume_offset(partition, &mut store, local);
-                            (partition, store, next)
-                        })
+        type Resumed = (
+            i32,
+            PartitionStore,
+            Result<(Option<i64>, Option<PartitionTransactions>), PartitionError>,
+        );
+        let resumed: Vec<Resumed> = std::thread::scope(|scope| {
+            let handles: Vec<_> = opened
+                .into_iter()
+                .map(|(partition, mut store, local)| {
+                    let group = group.clone();
+                    scope.spawn(move || {
+                        // exactly_once: the producer is initialized first, which aborts
+                        // a previous owner's open transaction before the changelog is
+                        // read (read_committed) to choose the state.
+                        let txn = match (&self.shared.transactions, group) {
+                            (Some(settings), Some(group)) => {
+                                match PartitionTransactions::start(
+                                    settings, topic, partition, group,
+                                ) {
+                                    Ok(txn) => Some(txn),
+                                    Err(e) => return (partition, store, Err(e.into())),
+                                }
+                            }
+                            _ => None,
+                        };
+                        let next = self
+                            .resume_offset(partition, &mut store, local)
+                            .map(|next| (next, txn));
+                        (partition, store, next)
                     })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("restore thread panicked"))
-                    .collect()
-            });
-        for (partition, store, next_offset) in resumed {
-            let started = next_offset.and_then(|next| {
-                let task = PartitionTask::new(Arc::clone(&self.shared), partition, store, next)?;
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("restore thread panicked"))
+                .collect()
+        });
+        for (partition, store, resumed) in resumed {
+            let started = resumed.and_then(|(next, txn)| {
+                let task =
+                    PartitionTask::new(Arc::clone(&self.shared), partition, store, next, txn)?;
                 Ok((task, next))
             });
             let (task, next_offset) = match started {
@@ -419,7 +479,8 @@ impl SourceContext {
             let _ =
                 offsets.add_partition_offset(&self.shared.topic, partition, Offset::Offset(next));
         }
-        if offsets.count() > 0 {
+        // With exactly_once the offsets were committed in each partition's transaction.
+        if offsets.count() > 0 && self.shared.transactions.is_none() {
             if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
                 tracing::warn!(error = %e, "commit on revoke failed (state and offsets are safe in sled)");
             }
@@ -543,8 +604,11 @@ impl SourceContext {
             .iter()
             .map(|e| e.partition())
             .collect();
+        let Ok(group) = self.group_metadata(consumer) else {
+            return false;
+        };
         let mut restart = TopicPartitionList::new();
-        for (partition, offset) in self.start_partitions(&partitions) {
+        for (partition, offset) in self.start_partitions(&partitions, group) {
             let Some(offset) = offset else {
                 // Failed again: the fault is reported and recovery starts over.
                 self.stop_tasks(Control::Abandon);

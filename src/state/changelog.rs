@@ -9,6 +9,10 @@
 //! reads the partition from the beginning, keeps the last state per user (the topic
 //! need not be compacted; tansu does not compact), and applies a checkpoint's users
 //! only when its marker follows them, so a checkpoint cut short by a crash is ignored.
+//!
+//! With `delivery: exactly_once` the records and their marker are in one transaction
+//! and the restore reads with `isolation.level=read_committed`: an aborted or unfinished
+//! checkpoint is never read at all.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -77,7 +81,22 @@ pub fn restore(
             }
             Some(Err(e)) => return Err(e),
             None => {
-                if last_offset + 1 >= high && last_news.elapsed() >= quiet {
+                // Under read_committed (delivery: exactly_once) the last offsets are
+                // transaction markers, never delivered: the consumer's position passes
+                // them, the last record's offset does not.
+                let position = consumer
+                    .position()
+                    .ok()
+                    .and_then(|list| {
+                        list.find_partition(topic, partition)
+                            .and_then(|e| match e.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            })
+                    })
+                    .unwrap_or(-1);
+                let reached = last_offset + 1 >= high || position >= high;
+                if reached && last_news.elapsed() >= quiet {
                     break;
                 }
                 if last_news.elapsed() >= Duration::from_secs(30) {
