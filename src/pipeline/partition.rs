@@ -310,12 +310,35 @@ impl PartitionTask {
         }
     }
 
+    /// Offsets `next..offset` never arrived. On Kafka that is a transaction marker (one
+    /// offset) or records removed by compaction or retention; tansu 0.6 also skips the
+    /// rest of a record batch when a fetch starts inside it. Counted, and logged when
+    /// more than a marker is missing, so that nothing is skipped silently.
+    #[cold]
+    fn offset_gap(&self, next: i64, offset: i64) {
+        let missing = (offset - next) as u64;
+        metrics::counter!(m::SKIPPED_OFFSETS, "partition" => self.partition.to_string())
+            .increment(missing);
+        if missing > 1 {
+            tracing::warn!(
+                topic = %self.shared.topic,
+                partition = self.partition,
+                expected = next,
+                got = offset,
+                missing,
+                "input offsets skipped: the broker returned no records for them"
+            );
+        }
+    }
+
     async fn process(&mut self, records: Vec<OwnedMessage>) -> Result<(), PartitionError> {
         let now = now_ms();
         for record in &records {
             let offset = record.offset();
-            if self.next_offset.is_some_and(|next| offset < next) {
-                continue; // already applied before a restart or seek
+            match self.next_offset {
+                Some(next) if offset < next => continue, // applied before a restart or seek
+                Some(next) if offset > next => self.offset_gap(next, offset),
+                _ => {}
             }
             self.next_offset = Some(offset + 1);
             self.events_counter.increment(1);
