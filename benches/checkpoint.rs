@@ -7,13 +7,12 @@
 //! `FeatureSet`. The store lives under the cargo target directory (the real disk, not a
 //! tmpfs). `encode_1k` is the encoding part alone, for the split.
 
-use std::collections::HashMap;
+#[path = "support/states.rs"]
+mod states;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use augur::config::Topology;
-use augur::features::Scratch;
-use augur::gen::Generator;
 use augur::state::store::StateStore;
 use augur::state::{encode_user_state, UserState};
 
@@ -23,21 +22,7 @@ const EVENTS: i64 = 10_000;
 fn checkpoint(c: &mut Criterion) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let topology = Topology::load(&root.join("topologies/ctr.yaml")).unwrap();
-    let features = topology.feature_set();
-    let mut generator = Generator::new(3, USERS);
-    let t0 = 1_767_225_600_000;
-    let mut states: HashMap<String, UserState> = HashMap::new();
-    let mut out = vec![0.0; features.len()];
-    let mut scratch = Scratch::default();
-    for i in 0..EVENTS {
-        let event = generator.next_event(t0 + i * 50);
-        let state = states
-            .entry(event.user_id.clone())
-            .or_insert_with(|| features.new_state());
-        features
-            .apply_event(state, &event, &mut out, &mut scratch)
-            .unwrap();
-    }
+    let states = states::scenario_states(&topology, 3, USERS, EVENTS);
     let mut dirty: Vec<(String, UserState)> = states.into_iter().collect();
     dirty.sort_by(|a, b| a.0.cmp(&b.0));
     let mut encoded_bytes = 0;
@@ -53,11 +38,7 @@ fn checkpoint(c: &mut Criterion) {
         encoded_bytes as f64 / dirty.len() as f64
     );
 
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    std::fs::create_dir_all(&target).unwrap();
-    let dir = tempfile::tempdir_in(&target).unwrap();
+    let dir = states::tempdir_under_target();
     let store = StateStore::open(dir.path(), topology.state_hash()).unwrap();
     let mut partition = store.partition("user-events", 0).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()

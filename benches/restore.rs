@@ -10,10 +10,11 @@
 //! ends after 500 ms without news, the wait tansu's lagging high watermark forces on
 //! the worker too; that wait is part of every sample.
 
+#[path = "support/states.rs"]
+mod states;
 #[path = "support/tansu.rs"]
 mod tansu;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -22,11 +23,9 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::ClientConfig;
 
 use augur::config::Topology;
-use augur::features::Scratch;
-use augur::gen::Generator;
 use augur::state::changelog::{self, OFFSET_HEADER};
+use augur::state::encode_user_state;
 use augur::state::store::StateStore;
-use augur::state::{encode_user_state, UserState};
 
 const USERS: u32 = 100_000;
 const EVENTS: i64 = 1_000_000;
@@ -34,21 +33,7 @@ const QUIET: Duration = Duration::from_millis(500);
 
 /// Every user's encoded state after the generator's events.
 fn user_states(topology: &Topology) -> Vec<(String, Vec<u8>)> {
-    let features = topology.feature_set();
-    let mut generator = Generator::new(42, USERS);
-    let mut states: HashMap<String, UserState> = HashMap::new();
-    let mut out = vec![0.0; features.len()];
-    let mut scratch = Scratch::default();
-    for i in 0..EVENTS {
-        let event = generator.next_event(1_767_225_600_000 + i * 50);
-        let state = states
-            .entry(event.user_id.clone())
-            .or_insert_with(|| features.new_state());
-        features
-            .apply_event(state, &event, &mut out, &mut scratch)
-            .unwrap();
-    }
-    states
+    states::scenario_states(topology, 42, USERS, EVENTS)
         .into_iter()
         .map(|(user, state)| {
             let mut bytes = Vec::new();
@@ -100,11 +85,7 @@ fn restore(c: &mut Criterion) {
         bytes as f64 / users.len() as f64
     );
     let broker = tansu::Tansu::start();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    std::fs::create_dir_all(&target).unwrap();
-    let dir = tempfile::tempdir_in(&target).unwrap();
+    let dir = states::tempdir_under_target();
     let store = StateStore::open(dir.path(), topology.state_hash()).unwrap();
     let mut config = ClientConfig::new();
     config

@@ -67,7 +67,7 @@ fn a_million_users_in_a_64_mib_budget_keep_hot_state_bounded_and_features_exact(
     loop {
         let rss = rss_bytes(augur.child.id());
         peak_rss = peak_rss.max(rss);
-        let seen = metric_sum(&http_get(port, "/metrics"), "augur_source_events_total");
+        let seen = metric_sum(&metrics(port), "augur_source_events_total");
         if rss_at_half == 0 && seen >= EVENTS as f64 / 2.0 {
             rss_at_half = rss;
         }
@@ -79,7 +79,7 @@ fn a_million_users_in_a_64_mib_budget_keep_hot_state_bounded_and_features_exact(
     }
     std::thread::sleep(Duration::from_secs(3)); // a checkpoint after the last event
     peak_rss = peak_rss.max(rss_bytes(augur.child.id()));
-    let body = http_get(port, "/metrics");
+    let body = metrics(port);
     let (hot, users, evicted) = (
         metric_sum(&body, "augur_state_hot_bytes"),
         metric_sum(&body, "augur_state_hot_users"),

@@ -64,7 +64,7 @@ fn a_hot_users_backlog_slows_only_its_own_partition() {
         &dir.path().join("state"),
     );
     let deadline = Instant::now() + Duration::from_secs(120);
-    while metric_sum(&http_get(port, "/metrics"), "augur_source_events_total") < 20_000.0 {
+    while metric_sum(&metrics(port), "augur_source_events_total") < 20_000.0 {
         assert!(
             Instant::now() < deadline,
             "the hot backlog was not picked up"
@@ -100,7 +100,7 @@ fn a_hot_users_backlog_slows_only_its_own_partition() {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut report = Instant::now();
     loop {
-        let body = http_get(port, "/metrics");
+        let body = metrics(port);
         let seen = metric_sum(&body, "augur_source_events_total");
         if seen >= total {
             break;
@@ -143,10 +143,7 @@ fn a_hot_users_backlog_slows_only_its_own_partition() {
     cold_latency_ms.sort_unstable();
     let p99 = cold_latency_ms[cold_latency_ms.len() * 99 / 100];
     let hot_lag_after_cold = hot_done.duration_since(cold_done);
-    let paused = metric_sum(
-        &http_get(port, "/metrics"),
-        "augur_source_paused_partitions",
-    );
+    let paused = metric_sum(&metrics(port), "augur_source_paused_partitions");
     eprintln!(
         "cold events: {} of {cold_total} predicted, p50 {} ms, p99 {p99} ms, max {} ms; hot \
          predictions {hot}; the hot partition finished {hot_lag_after_cold:?} after the cold \

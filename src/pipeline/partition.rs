@@ -226,12 +226,8 @@ impl PartitionTask {
                 command = control.recv() => {
                     match command {
                         Some(Control::Stop(reply)) => {
-                            let result = self.checkpoint().await;
-                            self.close().await;
-                            let _ = reply.send(result.as_ref().ok().and(self.checkpointed));
-                            if let Err(e) = result {
-                                self.fail(e);
-                            }
+                            let next = self.finish().await;
+                            let _ = reply.send(next);
                         }
                         Some(Control::Abandon(reply)) => {
                             self.close().await;
@@ -240,11 +236,7 @@ impl PartitionTask {
                         }
                         // The source is gone (the worker is stopping).
                         None => {
-                            let result = self.checkpoint().await;
-                            self.close().await;
-                            if let Err(e) = result {
-                                self.fail(e);
-                            }
+                            self.finish().await;
                         }
                     }
                     return;
@@ -253,11 +245,7 @@ impl PartitionTask {
                 batch = records.recv() => match batch {
                     Some(batch) => self.process(batch).await,
                     None => {
-                        let result = self.checkpoint().await;
-                        self.close().await;
-                        if let Err(e) = result {
-                            self.fail(e);
-                        }
+                        self.finish().await;
                         return;
                     }
                 },
@@ -266,6 +254,21 @@ impl PartitionTask {
                 self.close().await;
                 self.fail(e);
                 return;
+            }
+        }
+    }
+
+    /// The final checkpoint, then the transactional producer (if any) is released;
+    /// returns the committed next offset, or None when the checkpoint failed (the error
+    /// is reported).
+    async fn finish(&mut self) -> Option<i64> {
+        let result = self.checkpoint().await;
+        self.close().await;
+        match result {
+            Ok(()) => self.checkpointed,
+            Err(e) => {
+                self.fail(e);
+                None
             }
         }
     }

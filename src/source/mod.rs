@@ -561,16 +561,9 @@ impl SourceContext {
     fn begin_recovery(&self, consumer: &BaseConsumer<Self>, fault: &StoreFault) {
         self.ready.store(false, Ordering::SeqCst);
         metrics::counter!(m::STORE_FAULTS).increment(1);
-        let path = self
-            .store
-            .lock()
-            .expect("store lock")
-            .path
-            .display()
-            .to_string();
         self.alerts.set(
             STORE_ALERT,
-            &path,
+            &self.store_path(),
             true,
             &format!(
                 "state store failed (partition {}): {}; every partition is paused until it works again",
@@ -629,18 +622,18 @@ impl SourceContext {
         self.ready.store(true, Ordering::SeqCst);
         self.alerts.set(
             STORE_ALERT,
-            &self
-                .store
-                .lock()
-                .expect("store lock")
-                .path
-                .display()
-                .to_string(),
+            &self.store_path(),
             false,
             "state store works again; partitions resumed from their last checkpoints",
             serde_json::Value::Null,
         );
         true
+    }
+
+    /// The state store's directory: the subject of its alert.
+    fn store_path(&self) -> String {
+        let slot = self.store.lock().expect("store lock");
+        slot.path.display().to_string()
     }
 
     fn sample_disk(&self) {
