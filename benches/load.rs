@@ -20,7 +20,8 @@
 //!    timestamp (ms) → `produced_us` of the prediction (augur) or the passthrough's own
 //!    wall clock just before its send. Warm-up records are dropped.
 //!
-//! Prints progress on stderr and one JSON line of results on stdout.
+//! Prints progress on stderr and one JSON line of results on stdout. `AUGUR_BENCH_BIN`
+//! runs another `augur` binary than this build's (for before/after comparisons).
 //!
 //! Options (after `--`): `--events N --users U --partitions P --rates 5000,20000
 //! --latency-secs S --warmup-secs W --skip-latency --skip-drain`. A criterion-style
@@ -328,7 +329,10 @@ impl Augur {
         std::fs::write(&path, topology).unwrap();
         let admin = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(work.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_augur"))
+        // Another build of augur (an earlier commit, say) for a before/after comparison.
+        let bin = std::env::var_os("AUGUR_BENCH_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_augur").into());
+        let child = Command::new(bin)
             .arg("run")
             .arg("--topology")
             .arg(&path)

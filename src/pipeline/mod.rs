@@ -46,6 +46,9 @@ pub enum PartitionError {
         partition: i32,
         source: rdkafka::error::KafkaError,
     },
+    /// The task writing a checkpoint ended without an outcome (it panicked).
+    #[error("partition {partition}: writing a checkpoint: {message}")]
+    Checkpoint { partition: i32, message: String },
     /// `delivery: exactly_once` cannot start a partition safely.
     #[error("partition {partition}: {message}")]
     ExactlyOnce { partition: i32, message: String },

@@ -58,10 +58,19 @@ const SAMPLE_EVERY: u32 = 8;
 
 struct HotUser {
     state: UserState,
+    /// Its share of the hot-state budget (id and state), as of its last checkpoint.
+    bytes: usize,
     dirty: bool,
     touched: Instant,
     /// The latest event's features and version, kept for the online-store mirror.
     last: Option<FeatureUpdate>,
+}
+
+/// A checkpoint being written while the partition goes on: its outputs' acknowledgements
+/// awaited, then its sled batch written, then its offset handed over for commit.
+struct InFlight {
+    handle: tokio::task::JoinHandle<Result<(), PartitionError>>,
+    next_offset: i64,
 }
 
 /// A scored event waiting for its model call.
@@ -78,11 +87,16 @@ pub struct PartitionTask {
     shared: Arc<Shared>,
     partition: i32,
     store: PartitionStore,
-    users: HashMap<String, HotUser>,
+    /// User ids come from producers: foldhash is fast and seeded per process.
+    users: HashMap<String, HotUser, foldhash::fast::RandomState>,
+    /// The sum of the hot users' `bytes`.
+    hot_bytes: usize,
     dirty: Vec<String>,
     /// Next offset to process; None until known (no checkpoint and no record yet).
     next_offset: Option<i64>,
     checkpointed: Option<i64>,
+    /// The checkpoint being written, if any (at most one at a time).
+    in_flight: Option<InFlight>,
     /// Where this partition's outputs go: the worker's shared producer, or with
     /// `delivery: exactly_once` the partition's transactional one.
     output: OutputProducer,
@@ -189,10 +203,12 @@ impl PartitionTask {
             shared,
             partition,
             store,
-            users: HashMap::new(),
+            users: HashMap::default(),
+            hot_bytes: 0,
             dirty: Vec::new(),
             next_offset,
             checkpointed: next_offset,
+            in_flight: None,
             output,
             txn,
             shadow_scratch: ShadowScratch::default(),
@@ -262,7 +278,10 @@ impl PartitionTask {
     /// returns the committed next offset, or None when the checkpoint failed (the error
     /// is reported).
     async fn finish(&mut self) -> Option<i64> {
-        let result = self.checkpoint().await;
+        let result = match self.checkpoint().await {
+            Ok(()) => self.settle().await,
+            Err(e) => Err(e),
+        };
         self.close().await;
         match result {
             Ok(()) => self.checkpointed,
@@ -282,9 +301,14 @@ impl PartitionTask {
         }
     }
 
-    /// exactly_once: aborts a transaction left open by an error and releases the
-    /// transactional producer.
+    /// Stops a checkpoint still being written (the partition resumes from an earlier
+    /// one), and with exactly_once aborts a transaction left open by an error and
+    /// releases the transactional producer.
     async fn close(&mut self) {
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.handle.abort();
+            let _ = in_flight.handle.await;
+        }
         if let Some(txn) = self.txn.take() {
             txn.close().await;
         }
@@ -335,6 +359,13 @@ impl PartitionTask {
     }
 
     async fn process(&mut self, records: Vec<OwnedMessage>) -> Result<(), PartitionError> {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.handle.is_finished())
+        {
+            self.settle().await?;
+        }
         let now = now_ms();
         for record in &records {
             let offset = record.offset();
@@ -423,10 +454,13 @@ impl PartitionTask {
                 }
                 None => self.shared.features.new_state(),
             };
+            let bytes = event.user_id.len() + state.approx_bytes();
+            self.hot_bytes += bytes;
             self.users.insert(
                 event.user_id.clone(),
                 HotUser {
                     state,
+                    bytes,
                     dirty: false,
                     touched: Instant::now(),
                     last: None,
@@ -820,11 +854,20 @@ impl PartitionTask {
     }
 
     /// Outputs acknowledged → changed users and next offset in one sled batch → offset
-    /// handed to the consumer for commit. Then idle, clean users leave the hot map.
+    /// handed to the consumer for commit.
     ///
-    /// With `delivery: exactly_once`: changelog records sent → outputs acknowledged →
-    /// next offset added to the transaction and the transaction committed → sled batch;
-    /// the consumer commits nothing (the transaction did).
+    /// The partition does not stop for it: the changed users are encoded here and
+    /// marked clean, and the rest (waiting for the outputs' acknowledgements, sled's
+    /// atomic batch and flush, the commit request) runs as its own task while records
+    /// go on being processed. One checkpoint is written at a time: the next tick first
+    /// waits for the previous one ([`PartitionTask::settle`]), so sled's checkpoints
+    /// stay in offset order, and only then do idle, clean users leave the hot map (a
+    /// user marked clean is not in sled until its checkpoint is written, so evicting
+    /// it earlier would reload an older state).
+    ///
+    /// With `delivery: exactly_once` it is sequential: changelog records sent →
+    /// outputs acknowledged → next offset added to the transaction and the transaction
+    /// committed → sled batch; the consumer commits nothing (the transaction did).
     ///
     /// Why sled and the transaction agree: sled is written only after the commit
     /// returned, so sled is never ahead of the committed transactions. It is behind in
@@ -838,6 +881,18 @@ impl PartitionTask {
     /// leaves it to the broker to abort): nothing of it is visible to read_committed
     /// readers, sled still holds the previous checkpoint, and the restart resumes there.
     async fn checkpoint(&mut self) -> Result<(), PartitionError> {
+        self.settle().await?;
+        for user in &self.dirty {
+            if let Some(hot) = self.users.get_mut(user) {
+                let bytes = user.len() + hot.state.approx_bytes();
+                self.hot_bytes = self.hot_bytes - hot.bytes + bytes;
+                hot.bytes = bytes;
+            }
+        }
+        self.evict_idle();
+        self.enforce_budget();
+        self.hot_users_gauge.set(self.users.len() as f64);
+        self.hot_bytes_gauge.set(self.hot_bytes as f64);
         let Some(next_offset) = self.next_offset else {
             return Ok(());
         };
@@ -850,9 +905,11 @@ impl PartitionTask {
         }
         let started = Instant::now();
         self.write_changelog(next_offset).await?;
-        self.wait_outputs().await?;
-        if let Some(txn) = &mut self.txn {
-            txn.commit(next_offset).await?;
+        if self.txn.is_some() {
+            self.wait_outputs().await?;
+            if let Some(txn) = &mut self.txn {
+                txn.commit(next_offset).await?;
+            }
         }
         let users = &self.users;
         let dirty = self
@@ -877,7 +934,7 @@ impl PartitionTask {
             }
             changes
         });
-        self.store.checkpoint(dirty, bandit, next_offset).await?;
+        let batch = self.store.prepare(dirty, bandit, next_offset);
         self.publish_bandit();
         let mut changed = std::mem::take(&mut self.unmirrored);
         for user in self.dirty.drain(..) {
@@ -892,46 +949,74 @@ impl PartitionTask {
             // Never waits: what the full queue hands back is offered again next time.
             self.unmirrored = mirror.offer(changed);
         }
-        self.checkpointed = Some(next_offset);
-        if self.txn.is_none() {
-            self.shared.request_commit(self.partition, next_offset);
+        let mut pending = std::mem::take(&mut self.pending);
+        let writer = self.store.writer();
+        let shared = Arc::clone(&self.shared);
+        let partition = self.partition;
+        let histogram = self.checkpoint_histogram.clone();
+        let commit = self.txn.is_none();
+        let handle = tokio::spawn(async move {
+            pending.wait_all().await?;
+            writer.write(batch).await?;
+            if commit {
+                shared.request_commit(partition, next_offset);
+            }
+            histogram.record(started.elapsed().as_secs_f64());
+            Ok(())
+        });
+        self.in_flight = Some(InFlight {
+            handle,
+            next_offset,
+        });
+        if self.txn.is_some() {
+            self.settle().await?;
         }
-        self.checkpoint_histogram
-            .record(started.elapsed().as_secs_f64());
-        self.evict_idle();
-        let bytes = self.enforce_budget();
-        self.hot_users_gauge.set(self.users.len() as f64);
-        self.hot_bytes_gauge.set(bytes as f64);
         Ok(())
     }
 
-    /// Keeps the hot map within this partition's share of `state.max_hot_bytes`: right
-    /// after a checkpoint every user is clean (in sled), so the least recently touched
-    /// leave memory until the map is at 80% of the share. Returns the bytes kept.
-    fn enforce_budget(&mut self) -> usize {
-        let size = |id: &String, u: &HotUser| id.len() + u.state.approx_bytes();
-        let total: usize = self.users.iter().map(|(id, u)| size(id, u)).sum();
+    /// Waits for the checkpoint being written, if any; once it is, its offset is the
+    /// partition's checkpoint.
+    async fn settle(&mut self) -> Result<(), PartitionError> {
+        let Some(in_flight) = self.in_flight.take() else {
+            return Ok(());
+        };
+        match in_flight.handle.await {
+            Ok(Ok(())) => {
+                self.checkpointed = Some(in_flight.next_offset);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(join) => Err(PartitionError::Checkpoint {
+                partition: self.partition,
+                message: join.to_string(),
+            }),
+        }
+    }
+
+    /// Keeps the hot map within this partition's share of `state.max_hot_bytes`: clean
+    /// users are in sled (the previous checkpoint was written), so the least recently
+    /// touched of them leave memory until the map is at 80% of the share.
+    fn enforce_budget(&mut self) {
         let partitions = self.shared.assigned.load(Relaxed).max(1);
         let share = self.shared.max_hot_bytes / partitions;
-        if total <= share {
-            return total;
+        if self.hot_bytes <= share {
+            return;
         }
         let mut by_age: Vec<(Instant, usize, String)> = self
             .users
             .iter()
             .filter(|(_, u)| !u.dirty)
-            .map(|(id, u)| (u.touched, size(id, u), id.clone()))
+            .map(|(id, u)| (u.touched, u.bytes, id.clone()))
             .collect();
         by_age.sort_unstable_by_key(|(touched, _, _)| *touched);
         let target = share / 10 * 8;
-        let mut kept = total;
         let mut evicted = 0usize;
         for (_, bytes, id) in by_age {
-            if kept <= target {
+            if self.hot_bytes <= target {
                 break;
             }
             self.users.remove(&id);
-            kept -= bytes;
+            self.hot_bytes -= bytes;
             evicted += 1;
         }
         metrics::counter!(m::BUDGET_EVICTIONS, "partition" => self.partition.to_string())
@@ -939,11 +1024,10 @@ impl PartitionTask {
         tracing::debug!(
             partition = self.partition,
             evicted,
-            kept,
+            kept = self.hot_bytes,
             share,
             "hot state over its budget: least recent users left memory"
         );
-        kept
     }
 
     /// Each changed user's state, then the marker with the offset they are valid at;
@@ -1000,8 +1084,14 @@ impl PartitionTask {
         }
         self.last_eviction = Instant::now();
         let before = self.users.len();
-        self.users
-            .retain(|_, u| u.dirty || u.touched.elapsed() < idle_after);
+        let hot_bytes = &mut self.hot_bytes;
+        self.users.retain(|_, u| {
+            let keep = u.dirty || u.touched.elapsed() < idle_after;
+            if !keep {
+                *hot_bytes -= u.bytes;
+            }
+            keep
+        });
         let evicted = before - self.users.len();
         if evicted > 0 {
             tracing::debug!(

@@ -195,18 +195,33 @@ impl PartitionStore {
     }
 
     /// Writes the changed users, the bandit's changes and the next offset in one atomic
-    /// batch, then makes it durable.
+    /// batch, then makes it durable: [`PartitionStore::prepare`], then
+    /// [`StoreWriter::write`].
     pub async fn checkpoint<'a>(
         &mut self,
         dirty: impl Iterator<Item = (&'a str, &'a UserState)>,
         bandit: Option<BanditChanges>,
         next_offset: i64,
     ) -> Result<(), StoreError> {
+        let batch = self.prepare(dirty, bandit, next_offset);
+        self.writer().write(batch).await
+    }
+
+    /// Encodes a checkpoint: the changed users, the bandit's changes and the next
+    /// offset, as one sled batch to write with [`StoreWriter::write`].
+    pub fn prepare<'a>(
+        &mut self,
+        dirty: impl Iterator<Item = (&'a str, &'a UserState)>,
+        bandit: Option<BanditChanges>,
+        next_offset: i64,
+    ) -> CheckpointBatch {
         let mut batch = sled::Batch::default();
+        let mut users = 0;
         for (user, state) in dirty {
             self.buffer.clear();
             encode_user_state(state, &mut self.buffer);
             batch.insert(user_key(user), self.buffer.as_slice());
+            users += 1;
         }
         if let Some(changes) = bandit {
             if let Some(posteriors) = changes.posteriors {
@@ -221,9 +236,20 @@ impl PartitionStore {
             }
         }
         batch.insert(OFFSET_KEY, &next_offset.to_be_bytes());
-        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        self.db.flush_async().await.map_err(|e| self.sled_err(e))?;
-        Ok(())
+        CheckpointBatch {
+            batch,
+            next_offset,
+            users,
+        }
+    }
+
+    /// A handle that writes this partition's prepared checkpoints, from any task.
+    pub fn writer(&self) -> StoreWriter {
+        StoreWriter {
+            tree: self.tree.clone(),
+            db: self.db.clone(),
+            path: self.path.clone(),
+        }
     }
 
     /// Writes users restored from the changelog (already encoded) and the offset they
@@ -260,6 +286,56 @@ impl PartitionStore {
             })?;
             Ok((user, state))
         })
+    }
+}
+
+/// One checkpoint, encoded and not yet written.
+pub struct CheckpointBatch {
+    batch: sled::Batch,
+    next_offset: i64,
+    users: usize,
+}
+
+impl CheckpointBatch {
+    /// The input offset the checkpoint resumes from.
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    /// How many users' states it writes.
+    pub fn users(&self) -> usize {
+        self.users
+    }
+}
+
+/// Writes one partition's checkpoints; cheap to make, and usable from another task
+/// than the partition's while it goes on processing.
+pub struct StoreWriter {
+    tree: sled::Tree,
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl StoreWriter {
+    /// Applies the batch atomically, then makes it durable.
+    pub async fn write(&self, checkpoint: CheckpointBatch) -> Result<(), StoreError> {
+        let sled_err = |source| StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        };
+        // sled's batch is CPU work of several µs per user: on a blocking thread, so
+        // that the partition tasks sharing the runtime's workers are not held up by it.
+        let tree = self.tree.clone();
+        tokio::task::spawn_blocking(move || tree.apply_batch(checkpoint.batch))
+            .await
+            .unwrap_or_else(|join| {
+                Err(sled::Error::ReportableBug(format!(
+                    "writing a checkpoint: {join}"
+                )))
+            })
+            .map_err(sled_err)?;
+        self.db.flush_async().await.map_err(sled_err)?;
+        Ok(())
     }
 }
 
