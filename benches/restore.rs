@@ -6,9 +6,11 @@
 //!
 //! The states are realistic: 1M generator events for 100k users applied through the
 //! reference topology. The changelog holds `k` full checkpoints of every user (k = 1
-//! and 3), to show how restore time grows with an uncompacted changelog. Each read
-//! ends after 500 ms without news, the wait tansu's lagging high watermark forces on
-//! the worker too; that wait is part of every sample.
+//! and 3), to show how restore time grows with an uncompacted changelog. Each sample
+//! first appends a fence to the partition and reads up to it, as the worker does
+//! (`fence`); `quiet` instead reads past the high watermark until 500 ms pass without
+//! news, the wait tansu's lagging high watermark forced before fences (and still the
+//! worker's fallback when a fence cannot be written).
 
 #[path = "support/states.rs"]
 mod states;
@@ -17,15 +19,20 @@ mod tansu;
 
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 
 use augur::config::Topology;
-use augur::state::changelog::{self, OFFSET_HEADER};
+use augur::sink::OutputProducer;
+use augur::state::changelog::{self, ReadTo, OFFSET_HEADER};
 use augur::state::encode_user_state;
 use augur::state::store::StateStore;
+
+// The worker's allocator, so that the restore is measured as the worker runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USERS: u32 = 100_000;
 const EVENTS: i64 = 1_000_000;
@@ -85,14 +92,22 @@ fn restore(c: &mut Criterion) {
         bytes as f64 / users.len() as f64
     );
     let broker = tansu::Tansu::start();
-    let dir = states::tempdir_under_target();
-    let store = StateStore::open(dir.path(), topology.state_hash()).unwrap();
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &broker.brokers)
         .set("group.id", "restore-bench")
         .set("fetch.wait.max.ms", "10");
 
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let producer = OutputProducer::create({
+        let mut producer = ClientConfig::new();
+        producer.set("bootstrap.servers", &broker.brokers);
+        producer
+    })
+    .unwrap();
     let mut group = c.benchmark_group("changelog_restore");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(30));
@@ -107,29 +122,51 @@ fn restore(c: &mut Criterion) {
             checkpoints * (users.len() + 1),
             written.elapsed()
         );
-        let mut run = 0;
-        group.bench_function(format!("100k_users_{checkpoints}_checkpoints"), |b| {
-            b.iter(|| {
-                run += 1;
-                let read = Instant::now();
-                let restored = changelog::restore(config.clone(), &topic, 0, QUIET).unwrap();
-                let read = read.elapsed();
-                assert_eq!(restored.users.len(), users.len());
-                let next = restored.next_offset.expect("a complete checkpoint");
-                let mut partition = store
-                    .partition(&format!("bench-{checkpoints}-{run}"), 0)
-                    .unwrap();
-                let write = Instant::now();
-                partition.restore(restored.users.into_iter(), next).unwrap();
-                if run == 1 {
-                    eprintln!(
-                        "{topic}: {} records read in {read:.2?} (500 ms of it the quiet wait), sled write {:.2?}",
-                        restored.records,
-                        write.elapsed()
-                    );
-                }
-            })
-        });
+        for end in ["fence", "quiet"] {
+            let mut run = 0;
+            group.bench_function(format!("100k_users_{checkpoints}_checkpoints_{end}"), |b| {
+                // Each sample restores into a store of its own, as a worker without
+                // local state does; opening and removing it is not timed.
+                let fresh = || {
+                    let dir = states::tempdir_under_target();
+                    let store = StateStore::open(dir.path(), topology.state_hash()).unwrap();
+                    (dir, store)
+                };
+                b.iter_batched(
+                    fresh,
+                    |(dir, store)| {
+                        run += 1;
+                        let read = Instant::now();
+                        let read_to = match end {
+                            "fence" => ReadTo::Fence(
+                                runtime
+                                    .block_on(producer.fence(&topic, 0, Duration::from_secs(10)))
+                                    .unwrap(),
+                            ),
+                            _ => ReadTo::Quiet(QUIET),
+                        };
+                        let fenced = read.elapsed();
+                        let restored =
+                            changelog::restore(config.clone(), &topic, 0, read_to).unwrap();
+                        let read = read.elapsed();
+                        assert_eq!(restored.users.len(), users.len());
+                        let next = restored.next_offset.expect("a complete checkpoint");
+                        let mut partition = store.partition("events", 0).unwrap();
+                        let write = Instant::now();
+                        partition.restore(restored.users.into_iter(), next).unwrap();
+                        if run <= 3 {
+                            eprintln!(
+                                "{topic} ({end}): {} records read in {read:.2?} (fence {fenced:.2?}), sled write {:.2?}",
+                                restored.records,
+                                write.elapsed()
+                            );
+                        }
+                        (partition, store, dir)
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+        }
     }
     group.finish();
 }

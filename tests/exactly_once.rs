@@ -329,10 +329,15 @@ fn changelog_markers(records: &[OwnedMessage]) -> HashMap<i32, i64> {
         if m.key().is_some_and(|k| !k.is_empty()) {
             continue;
         }
-        let header = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "augur.offset"))
-            .expect("a marker has the offset header");
+        let header = |key: &str| m.headers().and_then(|h| h.iter().find(|h| h.key == key));
+        // A restore appends a fence (empty key, no offset) to learn where the end is.
+        let Some(header) = header("augur.offset") else {
+            assert!(
+                header("augur.fence").is_some(),
+                "an empty-key changelog record is a marker or a fence"
+            );
+            continue;
+        };
         let offset: i64 = std::str::from_utf8(header.value.unwrap())
             .unwrap()
             .parse()

@@ -120,6 +120,34 @@ impl OutputProducer {
         }
     }
 
+    /// Appends a fence to `topic`'s `partition`: an empty record with no key and the
+    /// [`FENCE_HEADER`](crate::state::changelog::FENCE_HEADER) header. Returns its offset
+    /// once acknowledged; every record acknowledged before the call has a lower one, so a
+    /// reader that has read everything below it has read the partition to its end
+    /// without trusting the broker's high watermark.
+    pub async fn fence(
+        &self,
+        topic: &str,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<i64, KafkaError> {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: crate::state::changelog::FENCE_HEADER,
+            value: Some(b"".as_slice()),
+        });
+        let record = FutureRecord::<[u8], [u8]>::to(topic)
+            .partition(partition)
+            .payload(b"")
+            .headers(headers);
+        match tokio::time::timeout(timeout, self.inner.send(record, timeout)).await {
+            Ok(Ok(delivery)) => Ok(delivery.offset),
+            Ok(Err((err, _))) => Err(err),
+            Err(_elapsed) => Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            )),
+        }
+    }
+
     /// Whether the broker knows `topic`.
     pub fn has_topic(&self, topic: &str, timeout: Duration) -> bool {
         self.inner

@@ -42,6 +42,7 @@ use crate::alerts::Alerts;
 use crate::metrics as m;
 use crate::pipeline::{Control, PartitionError, PartitionTask, Shared, StoreFault};
 use crate::sink::PartitionTransactions;
+use crate::state::changelog::ReadTo;
 use crate::state::store::{PartitionStore, StateStore, StoreError};
 
 /// Records handed to a partition task per message, at most.
@@ -398,6 +399,29 @@ impl SourceContext {
         out
     }
 
+    /// Where the restore of `partition` stops reading `topic`: below a fence appended
+    /// now, which is exact and needs no wait; without one (it was not acknowledged),
+    /// after the high watermark and half a second of quiet.
+    fn changelog_end(&self, topic: &str, partition: i32) -> ReadTo {
+        let fence = self.runtime.block_on(self.shared.producer.fence(
+            topic,
+            partition,
+            Duration::from_secs(10),
+        ));
+        match fence {
+            Ok(offset) => ReadTo::Fence(offset),
+            Err(e) => {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    error = %e,
+                    "cannot append a fence to the changelog; reading it until it is quiet instead"
+                );
+                ReadTo::Quiet(Duration::from_millis(500))
+            }
+        }
+    }
+
     /// The offset a newly assigned partition resumes at. Without a changelog: the
     /// local checkpoint's (None: replay the input). With one, whichever is newer: a
     /// worker that held the partition before, then lost it to another, has state that
@@ -420,7 +444,7 @@ impl SourceContext {
             config.clone(),
             topic,
             partition,
-            Duration::from_millis(500),
+            self.changelog_end(topic, partition),
         );
         metrics::gauge!(m::RESTORING, "partition" => p.clone()).set(0.0);
         let restored = restored.map_err(|source| PartitionError::Restore {

@@ -23,6 +23,26 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// The header carrying the input offset on marker records.
 pub const OFFSET_HEADER: &str = "augur.offset";
+/// The header of a fence record (empty key, empty value): written by a worker about to
+/// restore a partition, to learn where the partition ends. Restores skip it.
+pub const FENCE_HEADER: &str = "augur.fence";
+
+/// Bytes a restore's consumer asks for per fetch (librdkafka's default is 1 MiB per
+/// partition; 100k users' states are about 20 MiB).
+const RESTORE_FETCH_BYTES: usize = 32 << 20;
+
+/// Where a restore's read of the changelog stops.
+#[derive(Debug, Clone, Copy)]
+pub enum ReadTo {
+    /// Below this offset: a fence the reader appended (see
+    /// [`OutputProducer::fence`](crate::sink::OutputProducer::fence)), so every record
+    /// acknowledged before it is read. Exact, whatever the broker's high watermark.
+    Fence(i64),
+    /// Past the high watermark, then until nothing new came for this long. tansu 0.6
+    /// reports a high watermark short of the last batch, so stopping at the watermark
+    /// alone could miss the last checkpoint.
+    Quiet(Duration),
+}
 
 /// A partition's state as of its last complete checkpoint in the changelog.
 #[derive(Debug, Default)]
@@ -35,19 +55,30 @@ pub struct Restored {
     pub records: u64,
 }
 
-/// Reads partition `partition` of `topic` to its end. tansu reports a high watermark
-/// short of the last batch, so the read goes on until nothing new came for `quiet`.
+/// Reads partition `partition` of `topic` to its end, as `end` says where that is.
 pub fn restore(
     mut config: ClientConfig,
     topic: &str,
     partition: i32,
-    quiet: Duration,
+    end: ReadTo,
 ) -> Result<Restored, rdkafka::error::KafkaError> {
     config
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
+    // The whole partition is read at once: large fetches mean fewer round trips.
+    for key in ["max.partition.fetch.bytes", "fetch.max.bytes"] {
+        if config.get(key).is_none() {
+            config.set(key, RESTORE_FETCH_BYTES.to_string());
+        }
+    }
     let consumer: BaseConsumer = config.create()?;
-    let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    // Also connects to the partition's leader before the assignment; without it the
+    // first records arrived half a second later on tansu.
+    let (_, watermark) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    let (high, quiet) = match end {
+        ReadTo::Fence(offset) => (offset, Duration::ZERO),
+        ReadTo::Quiet(quiet) => (watermark, quiet),
+    };
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, partition, Offset::Beginning)?;
     consumer.assign(&list)?;
@@ -77,6 +108,9 @@ pub fn restore(
                         String::from_utf8_lossy(key).into_owned(),
                         m.payload().unwrap_or_default().to_vec(),
                     );
+                }
+                if matches!(end, ReadTo::Fence(_)) && last_offset + 1 >= high {
+                    break;
                 }
             }
             Some(Err(e)) => return Err(e),

@@ -3,6 +3,8 @@
 //! atomic batch, so after a crash the state and the offset always agree: every event
 //! is applied to state exactly once.
 
+use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 
 use super::{decode_user_state, encode_user_state, StateDecodeError, UserState};
@@ -125,13 +127,30 @@ impl StateStore {
                 path: self.path.clone(),
                 source,
             })?;
-        Ok(PartitionStore {
+        let mut store = PartitionStore {
             tree,
             db: self.db.clone(),
             path: self.path.clone(),
             buffer: Vec::new(),
-        })
+            stored: HashSet::default(),
+        };
+        for key in store.tree.scan_prefix([USER_PREFIX]).keys() {
+            let key = key.map_err(|e| store.sled_err(e))?;
+            store.stored.insert(user_hash(&key[1..]));
+        }
+        Ok(store)
     }
+}
+
+/// The users a partition has in sled, by a 64-bit hash of their id. A user not in it
+/// was never written, so its first event needs no sled lookup; that matters beyond the
+/// lookup itself, because sled makes every lookup wait while any checkpoint batch is
+/// being written (its batches take a process-wide write lock). A hash shared with a
+/// stored user only costs a lookup.
+type StoredUsers = HashSet<u64, foldhash::fast::RandomState>;
+
+fn user_hash(user: &[u8]) -> u64 {
+    foldhash::fast::FixedState::with_seed(0x6175_6775_72).hash_one(user)
 }
 
 /// Durable state of one input partition.
@@ -140,6 +159,7 @@ pub struct PartitionStore {
     db: sled::Db,
     path: PathBuf,
     buffer: Vec<u8>,
+    stored: StoredUsers,
 }
 
 impl PartitionStore {
@@ -161,6 +181,9 @@ impl PartitionStore {
 
     /// A user's checkpointed state.
     pub fn load_user(&self, user: &str) -> Result<Option<UserState>, StoreError> {
+        if !self.stored.contains(&user_hash(user.as_bytes())) {
+            return Ok(None);
+        }
         let key = user_key(user);
         match self.tree.get(key).map_err(|e| self.sled_err(e))? {
             None => Ok(None),
@@ -221,6 +244,9 @@ impl PartitionStore {
             self.buffer.clear();
             encode_user_state(state, &mut self.buffer);
             batch.insert(user_key(user), self.buffer.as_slice());
+            // Before the write is durable: a user marked stored too early only costs a
+            // lookup that finds nothing.
+            self.stored.insert(user_hash(user.as_bytes()));
             users += 1;
         }
         if let Some(changes) = bandit {
@@ -252,25 +278,53 @@ impl PartitionStore {
         }
     }
 
-    /// Writes users restored from the changelog (already encoded) and the offset they
-    /// are valid at, in one atomic batch, and makes it durable.
+    /// Writes users restored from the changelog (already encoded), then the offset they
+    /// are valid at, and makes them durable. The partition's old offset is removed
+    /// first, so until the new one is written the partition reads as having no local
+    /// state: a crash in between restores it again instead of pairing an old offset with
+    /// new states. The users are written by several threads (sled takes concurrent
+    /// inserts), each a contiguous range of keys.
     pub fn restore(
         &mut self,
         users: impl Iterator<Item = (String, Vec<u8>)>,
         next_offset: i64,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut writes = Vec::new();
         for (user, bytes) in users {
             decode_user_state(&bytes).map_err(|source| StoreError::Corrupt {
                 path: self.path.clone(),
                 user: user.clone(),
                 source,
             })?;
-            batch.insert(user_key(&user), bytes);
+            self.stored.insert(user_hash(user.as_bytes()));
+            writes.push((user_key(&user), bytes));
         }
-        batch.insert(OFFSET_KEY, &next_offset.to_be_bytes());
-        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        self.db.flush().map_err(|e| self.sled_err(e))?;
+        writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.tree
+            .remove(OFFSET_KEY)
+            .and_then(|_| self.db.flush())
+            .map_err(|e| self.sled_err(e))?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let chunk = writes.len().div_ceil(threads).max(1);
+        let tree = &self.tree;
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = writes
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter().try_for_each(|(key, bytes)| {
+                            tree.insert(key, bytes.as_slice()).map(drop)
+                        })
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("restore writer panicked"))
+        })
+        .and_then(|()| tree.insert(OFFSET_KEY, &next_offset.to_be_bytes()))
+        .and_then(|_| self.db.flush())
+        .map_err(|e| self.sled_err(e))?;
         Ok(())
     }
 

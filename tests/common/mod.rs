@@ -821,7 +821,7 @@ pub fn check_changelog_counts(broker: &Broker, changelog: &str, partitions: i32)
             config,
             changelog,
             partition,
-            Duration::from_millis(1000),
+            augur::state::changelog::ReadTo::Quiet(Duration::from_millis(1000)),
         )
         .unwrap();
         offsets.push(restored.next_offset.unwrap_or(-1));
