@@ -5,6 +5,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::gen::Rng;
 use crate::util::fnv1a64;
@@ -174,13 +175,15 @@ pub type PendingReward = Pending<u8>;
 /// time t settles as 1 when the same user clicks i in (t, t + 30 min], and as 0 once
 /// the partition's event time passes t + 30 min + the allowed lateness, so a click that
 /// is late but within the lateness still counts.
+///
+/// A user's id is held once, shared by its pending list and its deadlines.
 #[derive(Debug)]
 pub struct ClickJoin<T> {
-    pending: HashMap<String, Vec<Pending<T>>>,
-    deadlines: BinaryHeap<Reverse<(i64, String)>>,
+    pending: HashMap<Arc<str>, Vec<Pending<T>>, foldhash::fast::RandomState>,
+    deadlines: BinaryHeap<Reverse<(i64, Arc<str>)>>,
     count: usize,
     /// Users whose pending list changed since the last [`ClickJoin::take_changes`].
-    dirty: HashSet<String>,
+    dirty: HashSet<Arc<str>, foldhash::fast::RandomState>,
     max_ts: i64,
     settle_after_ms: i64,
     max_pending: usize,
@@ -192,10 +195,10 @@ impl<T: Clone> ClickJoin<T> {
     /// A join whose changes are tracked for checkpointing.
     pub fn new(lateness_ms: i64, max_pending: usize) -> ClickJoin<T> {
         ClickJoin {
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             deadlines: BinaryHeap::new(),
             count: 0,
-            dirty: HashSet::new(),
+            dirty: HashSet::default(),
             max_ts: i64::MIN,
             settle_after_ms: REWARD_WINDOW_MS + lateness_ms,
             max_pending,
@@ -212,8 +215,8 @@ impl<T: Clone> ClickJoin<T> {
     }
 
     fn touched(&mut self, user: &str) {
-        if self.track {
-            self.dirty.insert(user.to_owned());
+        if self.track && !self.dirty.contains(user) {
+            self.dirty.insert(Arc::from(user));
         }
     }
 
@@ -224,9 +227,10 @@ impl<T: Clone> ClickJoin<T> {
 
     /// Restores one user's pending impressions from a checkpoint.
     pub fn restore_user(&mut self, user: String, list: Vec<Pending<T>>) {
+        let user: Arc<str> = user.into();
         for r in &list {
             self.deadlines
-                .push(Reverse((r.ts + self.settle_after_ms, user.clone())));
+                .push(Reverse((r.ts + self.settle_after_ms, Arc::clone(&user))));
             self.max_ts = self.max_ts.max(r.ts);
         }
         self.count += list.len();
@@ -238,18 +242,23 @@ impl<T: Clone> ClickJoin<T> {
         if self.count >= self.max_pending {
             return false;
         }
+        let pending = Pending {
+            item: item.to_owned(),
+            ts,
+            payload,
+        };
+        let user = match self.pending.get_key_value(user) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(user),
+        };
         self.pending
-            .entry(user.to_owned())
+            .entry(Arc::clone(&user))
             .or_default()
-            .push(Pending {
-                item: item.to_owned(),
-                ts,
-                payload,
-            });
+            .push(pending);
         self.deadlines
-            .push(Reverse((ts + self.settle_after_ms, user.to_owned())));
+            .push(Reverse((ts + self.settle_after_ms, Arc::clone(&user))));
         self.count += 1;
-        self.touched(user);
+        self.touched(&user);
         true
     }
 
@@ -307,15 +316,13 @@ impl<T: Clone> ClickJoin<T> {
                 !done
             });
             let n = before - list.len();
+            if list.is_empty() {
+                self.pending.remove(&user);
+            }
             if n > 0 {
                 expired += n as u64;
                 self.count -= n;
-                if self.track {
-                    self.dirty.insert(user.clone());
-                }
-            }
-            if list.is_empty() {
-                self.pending.remove(&user);
+                self.touched(&user);
             }
         }
         expired
@@ -329,7 +336,7 @@ impl<T: Clone> ClickJoin<T> {
             .into_iter()
             .map(|u| {
                 let list = self.pending.get(&u).cloned().unwrap_or_default();
-                (u, list)
+                (u.to_string(), list)
             })
             .collect()
     }
