@@ -666,6 +666,7 @@ fn latency(tansu: &Tansu, work: &Path, o: &Opts, rate: f64) -> serde_json::Value
     let (events, impressions) = generate(SEED + 1, o.users, count);
     let r = rate as u64;
     let mut result = serde_json::Map::new();
+    let mut split = None;
     for system in ["augur", "passthrough"] {
         let (input, output) = (format!("lat-{system}-{r}"), format!("lat-{system}-{r}-out"));
         tansu.create_topics(&[&input, &output, &format!("{input}-dead")], p);
@@ -682,10 +683,24 @@ fn latency(tansu: &Tansu, work: &Path, o: &Opts, rate: f64) -> serde_json::Value
             let out = read_all(&tansu.brokers, &output, p, impressions);
             drop(augur);
             let cut = first_ms + (o.warmup_secs * 1000.0) as i64;
-            let latencies: Vec<i64> = out
+            let times: Vec<PredictionTimes> = out
                 .iter()
                 .map(|b| serde_json::from_slice::<PredictionTimes>(b).unwrap())
                 .filter(|t| t.input_ts >= cut)
+                .collect();
+            // Where augur's latency is spent: before its partition task takes the
+            // record (broker, fetch, the source's hand-off) and inside the task
+            // (state, features, scoring, produce call).
+            split = Some(serde_json::json!({
+                "input_to_task": percentiles(
+                    times.iter().map(|t| t.received_us - t.input_ts * 1000).collect()
+                ),
+                "task_to_produce": percentiles(
+                    times.iter().map(|t| t.produced_us - t.received_us).collect()
+                ),
+            }));
+            let latencies = times
+                .iter()
                 .map(|t| t.produced_us - t.input_ts * 1000)
                 .collect();
             (achieved, first_ms, latencies)
@@ -732,6 +747,9 @@ fn latency(tansu: &Tansu, work: &Path, o: &Opts, rate: f64) -> serde_json::Value
         let _ = first_ms;
         let mut stats = percentiles(latencies);
         stats["offered_events_per_s"] = serde_json::json!(achieved.round());
+        if let Some(split) = split.take() {
+            stats["split"] = split;
+        }
         eprintln!("load: {system} at {r}/s: {stats}");
         result.insert(system.to_owned(), stats);
     }
