@@ -414,3 +414,72 @@ fn prefixed(prefix: u8, user: &str) -> Vec<u8> {
     key.extend_from_slice(user.as_bytes());
     key
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::AggState;
+
+    fn state(count: u64) -> UserState {
+        UserState {
+            max_ts: 1_767_225_703_544,
+            aggs: vec![AggState::Lifetime(count)],
+        }
+    }
+
+    fn encoded(count: u64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        encode_user_state(&state(count), &mut bytes);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn users_written_by_a_checkpoint_or_a_restore_are_found_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 7).unwrap();
+        let mut partition = store.partition("events", 0).unwrap();
+        assert_eq!(partition.load_user("u1").unwrap(), None);
+        let written = state(3);
+        partition
+            .checkpoint([("u1", &written)].into_iter(), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(partition.load_user("u1").unwrap(), Some(state(3)));
+        assert_eq!(partition.load_user("u2").unwrap(), None);
+
+        // A partition opened again learns its stored users from sled.
+        let mut reopened = store.partition("events", 0).unwrap();
+        assert_eq!(reopened.load_user("u1").unwrap(), Some(state(3)));
+        assert_eq!(reopened.next_offset().unwrap(), Some(10));
+
+        // A restore replaces states and the offset, and adds new users.
+        let users = (0..1000).map(|i| (format!("r{i}"), encoded(i)));
+        reopened
+            .restore(users.chain([("u1".to_owned(), encoded(9))]), 42)
+            .unwrap();
+        assert_eq!(reopened.next_offset().unwrap(), Some(42));
+        assert_eq!(reopened.load_user("u1").unwrap(), Some(state(9)));
+        assert_eq!(reopened.load_user("r999").unwrap(), Some(state(999)));
+        let again = store.partition("events", 0).unwrap();
+        assert_eq!(again.users().count(), 1001);
+        assert_eq!(again.load_user("r0").unwrap(), Some(state(0)));
+    }
+
+    #[test]
+    fn a_corrupt_restored_state_is_refused_and_the_old_offset_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 7).unwrap();
+        let mut partition = store.partition("events", 0).unwrap();
+        partition
+            .restore([("a".to_owned(), encoded(1))].into_iter(), 5)
+            .unwrap();
+        let err = partition
+            .restore([("b".to_owned(), vec![0xff])].into_iter(), 9)
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Corrupt { ref user, .. } if user == "b"),
+            "{err}"
+        );
+        assert_eq!(partition.next_offset().unwrap(), Some(5));
+    }
+}
