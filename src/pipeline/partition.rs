@@ -400,7 +400,19 @@ impl PartitionTask {
         if self.pending.len() > MAX_PENDING {
             self.wait_outputs().await?;
         }
+        if self.hot_bytes > self.budget_share() {
+            // New users arrive faster than the ticks make room: checkpoint now (after
+            // the one in flight is written), so that the users it wrote can leave
+            // memory. Under that pressure the budget, not the interval, paces
+            // checkpoints, and the partition waits for sled rather than outgrow it.
+            self.checkpoint().await?;
+        }
         Ok(())
+    }
+
+    /// This partition's share of the worker's hot-state budget.
+    fn budget_share(&self) -> usize {
+        self.shared.max_hot_bytes / self.shared.assigned.load(Relaxed).max(1)
     }
 
     fn decode(&self, record: &OwnedMessage, now: i64) -> Result<Event, Rejection> {
@@ -997,8 +1009,7 @@ impl PartitionTask {
     /// users are in sled (the previous checkpoint was written), so the least recently
     /// touched of them leave memory until the map is at 80% of the share.
     fn enforce_budget(&mut self) {
-        let partitions = self.shared.assigned.load(Relaxed).max(1);
-        let share = self.shared.max_hot_bytes / partitions;
+        let share = self.budget_share();
         if self.hot_bytes <= share {
             return;
         }
