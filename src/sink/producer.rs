@@ -1,34 +1,110 @@
 //! The output producer: idempotent, with every send tracked until acknowledged, so that
 //! a checkpoint can wait for all outputs up to an offset before committing it.
+//!
+//! Sends are tracked by count, not one future each: every record of a
+//! [`PendingDeliveries`] carries the same shared [`Acks`] as its delivery opaque (an
+//! `Arc` clone, no allocation), and librdkafka's delivery callback counts it down. A
+//! wait ends when the count reaches zero.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 
 /// An output that was not acknowledged: the partition must not commit past it.
 #[derive(Debug, thiserror::Error)]
 #[error("{output} record not acknowledged by the broker: {source}")]
 pub struct DeliveryError {
-    /// Which output: `prediction` or `dead_letter`.
+    /// Which output: `prediction`, `dead_letter`, `changelog`, ...
     pub output: &'static str,
     pub source: KafkaError,
+}
+
+/// The producer's context: a delivery report counts down the [`Acks`] its record was
+/// sent with.
+pub struct AckContext;
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Arc<Acks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        acks.settle(result);
+    }
+}
+
+/// The acknowledgements outstanding for one group of sends.
+#[derive(Default)]
+pub struct Acks {
+    outstanding: AtomicUsize,
+    failures: AtomicUsize,
+    /// The first failure: the record's topic and the error.
+    first_failure: Mutex<Option<(String, KafkaError)>>,
+    /// The highest offset acknowledged.
+    last_offset: AtomicI64,
+    settled: tokio::sync::Notify,
+}
+
+impl Acks {
+    fn settle(&self, result: &DeliveryResult<'_>) {
+        match result {
+            Ok(message) => {
+                self.last_offset.fetch_max(message.offset(), Ordering::Relaxed);
+            }
+            Err((error, message)) => self.failed(message.topic(), error),
+        }
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A stored permit if nobody waits yet; the waiter re-checks the count.
+            self.settled.notify_one();
+        }
+    }
+
+    #[cold]
+    fn failed(&self, topic: &str, error: &KafkaError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_failure.lock().unwrap_or_else(|p| p.into_inner());
+        first.get_or_insert_with(|| (topic.to_owned(), error.clone()));
+    }
+
+    async fn wait(&self) {
+        while self.outstanding.load(Ordering::Acquire) > 0 {
+            self.settled.notified().await;
+        }
+    }
 }
 
 /// A shared producer. Cheap to clone.
 #[derive(Clone)]
 pub struct OutputProducer {
-    inner: FutureProducer,
+    inner: ThreadedProducer<AckContext>,
 }
 
 /// Sends whose acknowledgement is still outstanding.
-#[derive(Default)]
 pub struct PendingDeliveries {
-    futures: Vec<(DeliveryFuture, &'static str)>,
+    acks: Arc<Acks>,
+    /// The output kind of each topic sent to, to name a failure.
+    kinds: Vec<(String, &'static str)>,
     /// A send refused locally, reported at the next wait.
     failed: Option<DeliveryError>,
+}
+
+impl Default for PendingDeliveries {
+    fn default() -> Self {
+        PendingDeliveries {
+            acks: Arc::new(Acks {
+                last_offset: AtomicI64::new(-1),
+                ..Acks::default()
+            }),
+            kinds: Vec::new(),
+            failed: None,
+        }
+    }
 }
 
 impl OutputProducer {
@@ -55,7 +131,7 @@ impl OutputProducer {
             config.set("linger.ms", "5");
         }
         Ok(OutputProducer {
-            inner: config.create()?,
+            inner: config.create_with_context(AckContext)?,
         })
     }
 
@@ -86,7 +162,12 @@ impl OutputProducer {
         pending: &mut PendingDeliveries,
         kind: &'static str,
     ) {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+        pending.note_kind(topic, kind);
+        let mut record = BaseRecord::<[u8], [u8], Arc<Acks>>::with_opaque_to(
+            topic,
+            Arc::clone(&pending.acks),
+        )
+        .payload(payload);
         if let Some(partition) = partition {
             record = record.partition(partition);
         }
@@ -96,12 +177,11 @@ impl OutputProducer {
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
+        // Counted before the send: the delivery report may come before send returns.
+        pending.acks.outstanding.fetch_add(1, Ordering::AcqRel);
         loop {
-            match self.inner.send_result(record) {
-                Ok(future) => {
-                    pending.futures.push((future, kind));
-                    return;
-                }
+            match self.inner.send(record) {
+                Ok(()) => return,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -109,6 +189,7 @@ impl OutputProducer {
                 Err((err, _)) => {
                     // Only reachable for locally invalid records (e.g. larger than
                     // message.max.bytes); surface it at the next checkpoint.
+                    pending.acks.outstanding.fetch_sub(1, Ordering::AcqRel);
                     tracing::error!(topic, error = %err, "producer refused a record");
                     pending.failed.get_or_insert(DeliveryError {
                         output: kind,
@@ -135,13 +216,25 @@ impl OutputProducer {
             key: crate::state::changelog::FENCE_HEADER,
             value: Some(b"".as_slice()),
         });
-        let record = FutureRecord::<[u8], [u8]>::to(topic)
-            .partition(partition)
-            .payload(b"")
-            .headers(headers);
-        match tokio::time::timeout(timeout, self.inner.send(record, timeout)).await {
-            Ok(Ok(delivery)) => Ok(delivery.offset),
-            Ok(Err((err, _))) => Err(err),
+        let deadline = Instant::now() + timeout;
+        let mut pending = PendingDeliveries::default();
+        let acks = Arc::clone(&pending.acks);
+        let sent = async {
+            self.send_to(
+                topic,
+                Some(partition),
+                None,
+                b"",
+                Some(headers),
+                &mut pending,
+                "fence",
+            )
+            .await;
+            pending.wait_all().await
+        };
+        match tokio::time::timeout_at(deadline.into(), sent).await {
+            Ok(Ok(())) => Ok(acks.last_offset.load(Ordering::Relaxed)),
+            Ok(Err(e)) => Err(e.source),
             Err(_elapsed) => Err(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageTimedOut,
             )),
@@ -162,7 +255,7 @@ impl OutputProducer {
     }
 
     /// The underlying producer, for the transaction calls.
-    pub(crate) fn inner(&self) -> &FutureProducer {
+    pub(crate) fn inner(&self) -> &ThreadedProducer<AckContext> {
         &self.inner
     }
 
@@ -173,34 +266,59 @@ impl OutputProducer {
 }
 
 impl PendingDeliveries {
+    /// Sends not yet acknowledged (or failed).
     pub fn len(&self) -> usize {
-        self.futures.len()
+        self.acks.outstanding.load(Ordering::Acquire)
     }
 
+    /// Nothing outstanding and no failure to report.
     pub fn is_empty(&self) -> bool {
-        self.futures.is_empty() && self.failed.is_none()
+        self.len() == 0
+            && self.failed.is_none()
+            && self.acks.failures.load(Ordering::Acquire) == 0
+    }
+
+    fn note_kind(&mut self, topic: &str, kind: &'static str) {
+        if !self.kinds.iter().any(|(t, _)| t == topic) {
+            self.kinds.push((topic.to_owned(), kind));
+        }
     }
 
     /// Waits until every pending send is acknowledged; the first failure is returned.
     pub async fn wait_all(&mut self) -> Result<(), DeliveryError> {
+        self.acks.wait().await;
         if let Some(err) = self.failed.take() {
-            self.futures.clear();
+            self.reset_failures();
             return Err(err);
         }
-        let mut first_error = None;
-        for (future, kind) in self.futures.drain(..) {
-            let outcome = match future.await {
-                Ok(Ok(_)) => continue,
-                Ok(Err((err, _))) => err,
-                Err(_canceled) => KafkaError::Canceled,
-            };
-            tracing::error!(output = kind, error = %outcome, "output not acknowledged");
-            first_error.get_or_insert(DeliveryError {
-                output: kind,
-                source: outcome,
-            });
+        let failures = self.acks.failures.load(Ordering::Acquire);
+        if failures == 0 {
+            return Ok(());
         }
-        first_error.map_or(Ok(()), Err)
+        let (topic, source) = self
+            .acks
+            .first_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("a failure was counted");
+        self.reset_failures();
+        let output = self
+            .kinds
+            .iter()
+            .find(|(t, _)| *t == topic)
+            .map_or("output", |(_, kind)| *kind);
+        tracing::error!(output, topic, failures, error = %source, "outputs not acknowledged");
+        Err(DeliveryError { output, source })
+    }
+
+    fn reset_failures(&mut self) {
+        self.acks.failures.store(0, Ordering::Release);
+        *self
+            .acks
+            .first_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
