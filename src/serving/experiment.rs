@@ -214,9 +214,9 @@ impl<T: Clone> ClickJoin<T> {
         }
     }
 
-    fn touched(&mut self, user: &str) {
-        if self.track && !self.dirty.contains(user) {
-            self.dirty.insert(Arc::from(user));
+    fn touched(&mut self, user: &Arc<str>) {
+        if self.track && !self.dirty.contains(&**user) {
+            self.dirty.insert(Arc::clone(user));
         }
     }
 
@@ -285,7 +285,10 @@ impl<T: Clone> ClickJoin<T> {
         let settled = before - list.len();
         if settled > 0 {
             self.count -= settled;
-            self.touched(user);
+            if let Some((key, _)) = self.pending.get_key_value(user) {
+                let key = Arc::clone(key);
+                self.touched(&key);
+            }
         }
         settled as u64
     }
