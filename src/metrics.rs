@@ -16,6 +16,8 @@ pub const E2E_LATENCY: &str = "augur_pipeline_e2e_latency_seconds";
 pub const BATCH_ROWS: &str = "augur_model_batch_rows";
 /// Time to checkpoint a partition (wait for acks, sled batch, flush).
 pub const CHECKPOINT_SECONDS: &str = "augur_state_checkpoint_duration_seconds";
+/// Checkpoint ticks skipped because the partition had a backlog, by partition.
+pub const CHECKPOINTS_POSTPONED: &str = "augur_state_checkpoints_postponed_total";
 /// Users in a partition's hot map.
 pub const HOT_USERS: &str = "augur_state_hot_users";
 /// Partitions currently owned by this worker.
@@ -147,6 +149,10 @@ fn describe() {
         CHECKPOINT_SECONDS,
         Unit::Seconds,
         "Partition checkpoint duration"
+    );
+    describe_counter!(
+        CHECKPOINTS_POSTPONED,
+        "Checkpoint ticks skipped while the partition had a backlog"
     );
     describe_gauge!(HOT_USERS, "Users in a partition's hot map");
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions owned by this worker");

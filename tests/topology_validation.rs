@@ -93,6 +93,20 @@ fn invalid_topologies_are_refused_with_the_path_of_each_problem() {
         ),
         (
             with(
+                "checkpoint_interval: 1s",
+                "checkpoint_interval: 1s\n  backlog_checkpoint_interval: 500ms",
+            ),
+            vec!["state.backlog_checkpoint_interval: must not be shorter than state.checkpoint_interval (1s)"],
+        ),
+        (
+            with(
+                "checkpoint_interval: 1s",
+                "checkpoint_interval: 1s\n  backlog_checkpoint_interval: soon",
+            ),
+            vec!["state.backlog_checkpoint_interval: "],
+        ),
+        (
+            with(
                 "kind: since_last, unit: 1s,",
                 "kind: since_last, unit: 1s, window: 1h,",
             ),

@@ -107,6 +107,7 @@ const SINKS: &[Key] = &[
 const STATE: &[Key] = &[
     ("dir", Text),
     ("checkpoint_interval", Text),
+    ("backlog_checkpoint_interval", Text),
     ("idle_after", Text),
     ("shutdown_grace", Text),
     ("max_hot_bytes", Text),
@@ -814,7 +815,7 @@ mod tests {
     fn unknown_names_are_reported_with_the_variable_never_ignored() {
         let cases: &[(&str, &str, &str)] = &[
             ("AUGUR_KAFK__BROKERS", "x", "AUGUR_KAFK__BROKERS: the topology has no setting \"kafk\" (expected one of: app, kafka,"),
-            ("AUGUR_STATE__CHECKPOINT_INTERVL", "1s", "AUGUR_STATE__CHECKPOINT_INTERVL: state has no setting \"checkpoint_intervl\" (expected one of: dir, checkpoint_interval, idle_after, shutdown_grace, max_hot_bytes, store_cache_bytes)"),
+            ("AUGUR_STATE__CHECKPOINT_INTERVL", "1s", "AUGUR_STATE__CHECKPOINT_INTERVL: state has no setting \"checkpoint_intervl\" (expected one of: dir, checkpoint_interval, backlog_checkpoint_interval, idle_after, shutdown_grace, max_hot_bytes, store_cache_bytes)"),
             ("AUGUR_TEST__X", "1", "AUGUR_TEST__X: the topology has no setting \"test\""),
             ("AUGUR_STATE__DIR__X", "1", "AUGUR_STATE__DIR__X: state.dir is a setting, not a section"),
             ("AUGUR_SINKS__PREDICTIONS", "x", "AUGUR_SINKS__PREDICTIONS: sinks.predictions is a section"),

@@ -440,6 +440,12 @@ pub struct StateConfig {
     pub dir: String,
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: String,
+    /// The checkpoint interval while a partition has a backlog (more records already
+    /// queued for it when its checkpoint is due); unset: five times
+    /// `checkpoint_interval`. A drain then writes each busy user once per this interval
+    /// instead of once per `checkpoint_interval`.
+    #[serde(default)]
+    pub backlog_checkpoint_interval: Option<String>,
     /// Users not touched for this long (processing time) leave the hot map for sled.
     #[serde(default = "default_idle_after")]
     pub idle_after: String,
@@ -461,6 +467,7 @@ impl Default for StateConfig {
         Self {
             dir: default_state_dir(),
             checkpoint_interval: default_checkpoint_interval(),
+            backlog_checkpoint_interval: None,
             idle_after: default_idle_after(),
             shutdown_grace: default_shutdown_grace(),
             max_hot_bytes: default_max_hot_bytes(),
@@ -747,6 +754,20 @@ impl Topology {
             "state.checkpoint_interval",
             &self.state.checkpoint_interval,
         );
+        if let Some(backlog) = &self.state.backlog_checkpoint_interval {
+            let path = "state.backlog_checkpoint_interval";
+            match (parse_duration(backlog), parse_duration(&self.state.checkpoint_interval)) {
+                (Ok(b), Ok(c)) if b < c => problems.push(Problem::new(
+                    path,
+                    format!(
+                        "must not be shorter than state.checkpoint_interval ({})",
+                        self.state.checkpoint_interval
+                    ),
+                )),
+                (Ok(_), _) => {}
+                (Err(e), _) => problems.push(Problem::new(path, e)),
+            }
+        }
         check_duration(&mut problems, "state.idle_after", &self.state.idle_after);
         check_duration(
             &mut problems,
@@ -949,6 +970,14 @@ impl Topology {
 
     pub fn checkpoint_interval(&self) -> Duration {
         parse_duration(&self.state.checkpoint_interval).expect("validated")
+    }
+
+    /// `state.backlog_checkpoint_interval`, or five times the checkpoint interval.
+    pub fn backlog_checkpoint_interval(&self) -> Duration {
+        match &self.state.backlog_checkpoint_interval {
+            Some(text) => parse_duration(text).expect("validated"),
+            None => self.checkpoint_interval() * 5,
+        }
     }
 
     pub fn store_cache_bytes(&self) -> u64 {

@@ -246,6 +246,8 @@ pub struct Shared {
     pub max_message_bytes: usize,
     pub max_batch: usize,
     pub checkpoint_interval: Duration,
+    /// The interval between checkpoints while a partition has a backlog.
+    pub backlog_checkpoint_interval: Duration,
     pub idle_after: Duration,
     /// The worker's hot-state budget, shared equally by its partitions.
     pub max_hot_bytes: usize,
@@ -472,6 +474,7 @@ pub async fn run_worker(
         max_message_bytes: topology.max_message_bytes(),
         max_batch: topology.scoring.max_batch,
         checkpoint_interval: topology.checkpoint_interval(),
+        backlog_checkpoint_interval: topology.backlog_checkpoint_interval(),
         idle_after: topology.idle_after(),
         max_hot_bytes: topology.max_hot_bytes(),
         assigned: std::sync::atomic::AtomicUsize::new(0),

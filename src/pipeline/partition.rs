@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc;
 
 use super::{ExperimentMode, PartitionError, Shared};
@@ -26,6 +25,7 @@ use crate::sink::{
     PendingDeliveries, Prediction,
 };
 use crate::state::store::BanditChanges;
+use crate::source::InputRecord;
 use crate::state::store::PartitionStore;
 use crate::state::UserState;
 use crate::util::now_us;
@@ -115,6 +115,9 @@ pub struct PartitionTask {
     model_input: Vec<f32>,
     buffer: Vec<u8>,
     last_eviction: Instant,
+    /// When the last checkpoint began.
+    checkpoint_started: Instant,
+    postponed_counter: metrics::Counter,
     /// Updates the mirror's full queue handed back, offered again at the next checkpoint.
     unmirrored: Vec<FeatureUpdate>,
     /// The model set the last batch used.
@@ -222,6 +225,8 @@ impl PartitionTask {
             model_input: Vec::new(),
             buffer: Vec::new(),
             last_eviction: Instant::now(),
+            checkpoint_started: Instant::now(),
+            postponed_counter: metrics::counter!(m::CHECKPOINTS_POSTPONED, "partition" => partition.to_string()),
             unmirrored: Vec::new(),
         })
     }
@@ -231,7 +236,7 @@ impl PartitionTask {
     /// reported to the worker.
     pub async fn run(
         mut self,
-        mut records: mpsc::Receiver<Vec<OwnedMessage>>,
+        mut records: mpsc::Receiver<Vec<InputRecord>>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         let mut tick = tokio::time::interval(self.shared.checkpoint_interval);
@@ -257,7 +262,13 @@ impl PartitionTask {
                     }
                     return;
                 }
-                _ = tick.tick() => self.checkpoint().await,
+                _ = tick.tick() => {
+                    if self.postpone_checkpoint(records.len()) {
+                        Ok(())
+                    } else {
+                        self.checkpoint().await
+                    }
+                }
                 batch = records.recv() => match batch {
                     Some(batch) => self.process(batch).await,
                     None => {
@@ -358,7 +369,7 @@ impl PartitionTask {
         }
     }
 
-    async fn process(&mut self, records: Vec<OwnedMessage>) -> Result<(), PartitionError> {
+    async fn process(&mut self, records: Vec<InputRecord>) -> Result<(), PartitionError> {
         if self
             .in_flight
             .as_ref()
@@ -410,12 +421,27 @@ impl PartitionTask {
         Ok(())
     }
 
+    /// Whether this tick's checkpoint waits: more batches are already queued for the
+    /// partition (it has a backlog) and the last checkpoint began less than
+    /// `state.backlog_checkpoint_interval` ago. A backlog makes most of its users dirty
+    /// at every tick, so each checkpoint rewrites nearly all of them; spacing them
+    /// while behind writes each user once per the longer interval. Caught up, the
+    /// partition checkpoints every `state.checkpoint_interval`.
+    fn postpone_checkpoint(&self, queued_batches: usize) -> bool {
+        let postpone = queued_batches > 0
+            && self.checkpoint_started.elapsed() < self.shared.backlog_checkpoint_interval;
+        if postpone {
+            self.postponed_counter.increment(1);
+        }
+        postpone
+    }
+
     /// This partition's share of the worker's hot-state budget.
     fn budget_share(&self) -> usize {
         self.shared.max_hot_bytes / self.shared.assigned.load(Relaxed).max(1)
     }
 
-    fn decode(&self, record: &OwnedMessage, now: i64) -> Result<Event, Rejection> {
+    fn decode(&self, record: &InputRecord, now: i64) -> Result<Event, Rejection> {
         let payload = record.payload().unwrap_or_default();
         if payload.len() > self.shared.max_message_bytes {
             return Err(Rejection::new(
@@ -451,7 +477,7 @@ impl PartitionTask {
     async fn apply(
         &mut self,
         event: Event,
-        record: &OwnedMessage,
+        record: &InputRecord,
         received_us: i64,
     ) -> Result<(), PartitionError> {
         let started = self.timed.then(Instant::now);
@@ -609,7 +635,7 @@ impl PartitionTask {
 
     async fn dead_letter(
         &mut self,
-        record: &OwnedMessage,
+        record: &InputRecord,
         rejection: &Rejection,
     ) -> Result<(), PartitionError> {
         self.begin().await?;
@@ -916,6 +942,7 @@ impl PartitionTask {
             return Ok(());
         }
         let started = Instant::now();
+        self.checkpoint_started = started;
         self.write_changelog(next_offset).await?;
         if self.txn.is_some() {
             self.wait_outputs().await?;

@@ -33,7 +33,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -44,6 +44,9 @@ use crate::pipeline::{Control, PartitionError, PartitionTask, Shared, StoreFault
 use crate::sink::PartitionTransactions;
 use crate::state::changelog::ReadTo;
 use crate::state::store::{PartitionStore, StateStore, StoreError};
+
+mod record;
+pub use record::InputRecord;
 
 /// Records handed to a partition task per message, at most.
 const MAX_BATCH: usize = 1024;
@@ -141,7 +144,7 @@ impl Source {
 
 /// A running partition task's two inboxes.
 struct TaskHandle {
-    records: mpsc::Sender<Vec<OwnedMessage>>,
+    records: mpsc::Sender<Vec<InputRecord>>,
     control: mpsc::UnboundedSender<Control>,
 }
 
@@ -348,6 +351,9 @@ impl SourceContext {
                             }
                             _ => None,
                         };
+                        if let Err(e) = store.scan_stored_users() {
+                            return (partition, store, Err(e.into()));
+                        }
                         let next = self
                             .resume_offset(partition, &mut store, local)
                             .map(|next| (next, txn));
@@ -558,7 +564,7 @@ impl SourceContext {
 
     /// Hands records that arrived on the consumer's main queue (before their partition
     /// had its own) to their task, waiting if its queue is full. Rare.
-    fn dispatch(&self, partition: i32, records: Vec<OwnedMessage>) {
+    fn dispatch(&self, partition: i32, records: Vec<InputRecord>) {
         let task = self
             .tasks
             .lock()
@@ -742,7 +748,7 @@ impl Queues {
             let mut batch = Vec::new();
             while batch.len() < MAX_BATCH {
                 match queue.poll(Duration::ZERO) {
-                    Some(Ok(message)) => batch.push(message.detach()),
+                    Some(Ok(message)) => batch.push(InputRecord::copy_of(&message)),
                     Some(Err(e)) => {
                         tracing::warn!(partition, error = %e, "consumer error");
                         break;
@@ -784,7 +790,7 @@ fn poll_loop(
     // A store that fails again soon after recovering keeps its backoff.
     let mut last_recovered: Option<(Instant, Duration)> = None;
     let mut next_disk_sample = Instant::now();
-    let mut early: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
+    let mut early: HashMap<i32, Vec<InputRecord>> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
         commit_requested(&consumer, &feedback.commits, &topic);
         if let (Some(fault), None) = (feedback.store_faults.try_iter().last(), &recovery) {
@@ -822,7 +828,7 @@ fn poll_loop(
                     early
                         .entry(message.partition())
                         .or_default()
-                        .push(message.detach());
+                        .push(InputRecord::copy_of(&message));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
