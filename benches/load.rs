@@ -24,7 +24,7 @@
 //! runs another `augur` binary than this build's (for before/after comparisons).
 //!
 //! Options (after `--`): `--events N --users U --partitions P --rates 5000,20000
-//! --latency-secs S --warmup-secs W --skip-latency --skip-drain`. A criterion-style
+//! --latency-secs S --warmup-secs W --drain-rounds R --skip-latency --skip-drain`. A criterion-style
 //! filter that does not mention `load` (as in `cargo bench -- score_linear`) skips it.
 
 use std::collections::HashMap;
@@ -64,6 +64,7 @@ struct Opts {
     latency_secs: f64,
     warmup_secs: f64,
     drain: bool,
+    drain_rounds: u32,
     latency: bool,
 }
 
@@ -76,6 +77,7 @@ fn parse_opts() -> Option<Opts> {
         latency_secs: 15.0,
         warmup_secs: 3.0,
         drain: true,
+        drain_rounds: 3,
         latency: true,
     };
     let mut args = std::env::args().skip(1);
@@ -92,6 +94,7 @@ fn parse_opts() -> Option<Opts> {
             "--warmup-secs" => o.warmup_secs = value().parse().unwrap(),
             "--skip-latency" => o.latency = false,
             "--skip-drain" => o.drain = false,
+            "--drain-rounds" => o.drain_rounds = value().parse().unwrap(),
             other if !other.starts_with('-') => filter_says_skip |= !other.contains("load"),
             other => eprintln!("load: ignoring {other}"),
         }
@@ -527,9 +530,23 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// The drain: the same backlog drained by augur, then by the passthrough, `rounds`
+/// times (each round with its own consumer groups, output topics and state). The
+/// passthrough's drain is short and moves a lot with the rest of the machine, so the
+/// result is the ratio of the medians; every round is listed too.
 fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
     let p = o.partitions;
-    tansu.create_topics(&["events", "predictions", "events-dead", "pass-out"], p);
+    tansu.create_topics(&["events", "events-dead"], p);
     let (events, impressions) = generate(SEED, o.users, o.events);
     eprintln!(
         "load: producing {} events ({impressions} impressions) for {} users to 'events' ({p} partitions)",
@@ -539,15 +556,56 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
     drop(events);
     eprintln!("load: backlog produced at {produce_rate:.0} events/s");
 
-    // augur
+    let mut rounds = Vec::new();
+    let mut last_augur = serde_json::Value::Null;
+    for nth in 1..=o.drain_rounds {
+        let augur = drain_augur(tansu, work, o, impressions, nth);
+        let pass = drain_passthrough(tansu, o, nth);
+        let (a, b) = (augur["augur_events_per_s"].as_f64().unwrap(), pass["passthrough_events_per_s"].as_f64().unwrap());
+        eprintln!("load: round {nth}: augur / passthrough = {:.3}", a / b);
+        rounds.push(serde_json::json!({
+            "augur_events_per_s": a,
+            "passthrough_events_per_s": b,
+            "augur_over_passthrough": round(a / b, 3),
+            "augur_cpu_seconds": augur["cpu_seconds"]["augur_total"],
+            "tansu_cpu_during_augur": augur["cpu_seconds"]["tansu_during_augur"],
+            "tansu_cpu_during_passthrough": pass["tansu_during_passthrough"],
+            "harness_cpu_during_passthrough": pass["harness_during_passthrough"],
+        }));
+        last_augur = augur;
+    }
+    let of = |key: &str| median(rounds.iter().map(|r| r[key].as_f64().unwrap()).collect());
+    let (augur_rate, pass_rate) = (of("augur_events_per_s"), of("passthrough_events_per_s"));
+    serde_json::json!({
+        "events": o.events,
+        "users": o.users,
+        "partitions": p,
+        "impressions": impressions,
+        "backlog_produce_events_per_s": produce_rate.round(),
+        "rounds": rounds,
+        "augur_events_per_s": augur_rate.round(),
+        "passthrough_events_per_s": pass_rate.round(),
+        "augur_over_passthrough": round(augur_rate / pass_rate, 3),
+        "augur_over_passthrough_definition": "median augur events/s over the median passthrough events/s of the rounds",
+        "augur_cpu_seconds_median": of("augur_cpu_seconds"),
+        "last_round_augur": last_augur,
+    })
+}
+
+/// augur drains the backlog into `predictions-{nth}`.
+fn drain_augur(tansu: &Tansu, work: &Path, o: &Opts, impressions: u64, nth: u32) -> serde_json::Value {
+    let p = o.partitions;
+    let output = format!("predictions-{nth}");
+    tansu.create_topics(&[&output], p);
     let (tansu_cpu0, self_cpu0) = (
         process_cpu(tansu.child.id()),
         process_cpu(std::process::id()),
     );
-    let augur = Augur::start(&tansu.brokers, work, "drain-augur", "events", "predictions");
+    let name = format!("drain-augur-{nth}");
+    let augur = Augur::start(&tansu.brokers, work, &name, "events", &output);
     let (done_us, firsts) = count_until(
         &tansu.brokers,
-        "predictions",
+        &output,
         p,
         impressions,
         1000,
@@ -565,7 +623,7 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
     let augur_secs = (done_us - first_us) as f64 / 1e6;
     let augur_rate = o.events as f64 / augur_secs;
     eprintln!(
-        "load: augur drained {} events in {augur_secs:.2} s: {augur_rate:.0} events/s",
+        "load: round {nth}: augur drained {} events in {augur_secs:.2} s: {augur_rate:.0} events/s",
         o.events
     );
     let augur_threads = thread_cpu(augur.child.id());
@@ -581,6 +639,7 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
     let hot_bytes = metric_sum(&metrics, "augur_state_hot_bytes");
     let hot_users = metric_sum(&metrics, "augur_state_hot_users");
     let predictions = metric_sum(&metrics, "augur_sink_predictions_total");
+    let postponed = metric_sum(&metrics, "augur_state_checkpoints_postponed_total");
     let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", augur.child.id()))
         .ok()
         .and_then(|s| {
@@ -590,8 +649,33 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
         })
         .unwrap_or(0.0);
     drop(augur);
+    serde_json::json!({
+        "augur_events_per_s": augur_rate.round(),
+        "augur_seconds": round(augur_secs, 3),
+        "cpu_seconds": {
+            "note": "augur: its threads over its whole life (startup, drain, 2.5 s idle); tansu and harness (reader): during the drain",
+            "augur_by_thread": augur_threads.iter().map(|(k, v)| (k.clone(), serde_json::json!(round(*v, 2)))).collect::<serde_json::Map<_, _>>(),
+            "augur_total": round(augur_threads.values().sum::<f64>(), 2),
+            "tansu_during_augur": round(tansu_cpu1 - tansu_cpu0, 2),
+            "harness_during_augur": round(self_cpu1 - self_cpu0, 2),
+        },
+        "augur_metrics": {
+            "source_events_total": consumed,
+            "sink_predictions_total": predictions,
+            "dead_letters_total": dead,
+            "checkpoints_postponed_total": postponed,
+            "state_hot_users": hot_users,
+            "state_hot_bytes": hot_bytes,
+            "state_bytes_per_user": round(hot_bytes / hot_users.max(1.0), 1),
+            "process_rss_mib": round(rss_kib / 1024.0, 1),
+        },
+    })
+}
 
-    // passthrough
+/// The passthrough drains the backlog into `pass-out-{nth}`.
+fn drain_passthrough(tansu: &Tansu, o: &Opts, nth: u32) -> serde_json::Value {
+    let output = format!("pass-out-{nth}");
+    tansu.create_topics(&[&output], o.partitions);
     let (tansu_cpu2, self_cpu2) = (
         process_cpu(tansu.child.id()),
         process_cpu(std::process::id()),
@@ -599,17 +683,17 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
     let stop = Arc::new(AtomicBool::new(false));
     let pass = start_passthrough(
         &tansu.brokers,
-        "drain-pass",
+        &format!("drain-pass-{nth}"),
         "events",
-        "pass-out",
+        &output,
         false,
         Arc::new(AtomicBool::new(false)),
         Arc::clone(&stop),
     );
     let (pass_done_us, _) = count_until(
         &tansu.brokers,
-        "pass-out",
-        p,
+        &output,
+        o.partitions,
         o.events,
         0,
         Duration::from_secs(900),
@@ -623,39 +707,14 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
     let pass_secs = (pass_done_us - report.first_consume_us) as f64 / 1e6;
     let pass_rate = o.events as f64 / pass_secs;
     eprintln!(
-        "load: passthrough drained {} events in {pass_secs:.2} s: {pass_rate:.0} events/s",
+        "load: round {nth}: passthrough drained {} events in {pass_secs:.2} s: {pass_rate:.0} events/s",
         o.events
     );
-
     serde_json::json!({
-        "events": o.events,
-        "users": o.users,
-        "partitions": p,
-        "impressions": impressions,
-        "backlog_produce_events_per_s": produce_rate.round(),
-        "augur_events_per_s": augur_rate.round(),
-        "augur_seconds": round(augur_secs, 3),
         "passthrough_events_per_s": pass_rate.round(),
         "passthrough_seconds": round(pass_secs, 3),
-        "augur_over_passthrough": round(augur_rate / pass_rate, 3),
-        "cpu_seconds": {
-            "note": "augur: its threads over its whole life (startup, drain, 2.5 s idle); tansu and harness (reader; passthrough): during each drain",
-            "augur_by_thread": augur_threads.iter().map(|(k, v)| (k.clone(), serde_json::json!(round(*v, 2)))).collect::<serde_json::Map<_, _>>(),
-            "augur_total": round(augur_threads.values().sum::<f64>(), 2),
-            "tansu_during_augur": round(tansu_cpu1 - tansu_cpu0, 2),
-            "harness_during_augur": round(self_cpu1 - self_cpu0, 2),
-            "tansu_during_passthrough": round(tansu_cpu3 - tansu_cpu2, 2),
-            "harness_during_passthrough": round(self_cpu3 - self_cpu2, 2),
-        },
-        "augur_metrics": {
-            "source_events_total": consumed,
-            "sink_predictions_total": predictions,
-            "dead_letters_total": dead,
-            "state_hot_users": hot_users,
-            "state_hot_bytes": hot_bytes,
-            "state_bytes_per_user": round(hot_bytes / hot_users.max(1.0), 1),
-            "process_rss_mib": round(rss_kib / 1024.0, 1),
-        },
+        "tansu_during_passthrough": round(tansu_cpu3 - tansu_cpu2, 2),
+        "harness_during_passthrough": round(self_cpu3 - self_cpu2, 2),
     })
 }
 
