@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::message::{Headers, Message, OwnedMessage};
 
 const PARTITIONS: i32 = 4;
 
@@ -287,6 +288,29 @@ fn a_worker_without_local_state_restores_from_the_changelog() {
     assert_eq!(re_emitted, 0, "the input was replayed instead of restored");
     check_against_golden(&predictions);
     check_state_counts(&new_state, &topics.events, PARTITIONS);
+    // Each restore read its partition up to a fence it appended, not until it was
+    // quiet: every partition of the changelog holds a fence.
+    let fenced_partitions = |records: &[OwnedMessage]| {
+        records
+            .iter()
+            .filter(|m| {
+                m.headers()
+                    .is_some_and(|h| h.iter().any(|h| h.key == "augur.fence"))
+            })
+            .map(|m| m.partition())
+            .collect::<std::collections::HashSet<i32>>()
+    };
+    let changelog = broker.read_topic(
+        &format!("{app}-changelog"),
+        PARTITIONS,
+        Duration::from_secs(60),
+        |records| fenced_partitions(records).len() == PARTITIONS as usize,
+    );
+    assert_eq!(
+        fenced_partitions(&changelog).len(),
+        PARTITIONS as usize,
+        "changelog partitions with a fence"
+    );
 }
 
 /// A tmpfs of a fixed size, unmounted on drop: a disk that really fills up.
