@@ -561,7 +561,10 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
     for nth in 1..=o.drain_rounds {
         let augur = drain_augur(tansu, work, o, impressions, nth);
         let pass = drain_passthrough(tansu, o, nth);
-        let (a, b) = (augur["augur_events_per_s"].as_f64().unwrap(), pass["passthrough_events_per_s"].as_f64().unwrap());
+        let (a, b) = (
+            augur["augur_events_per_s"].as_f64().unwrap(),
+            pass["passthrough_events_per_s"].as_f64().unwrap(),
+        );
         eprintln!("load: round {nth}: augur / passthrough = {:.3}", a / b);
         rounds.push(serde_json::json!({
             "augur_events_per_s": a,
@@ -593,7 +596,13 @@ fn drain(tansu: &Tansu, work: &Path, o: &Opts) -> serde_json::Value {
 }
 
 /// augur drains the backlog into `predictions-{nth}`.
-fn drain_augur(tansu: &Tansu, work: &Path, o: &Opts, impressions: u64, nth: u32) -> serde_json::Value {
+fn drain_augur(
+    tansu: &Tansu,
+    work: &Path,
+    o: &Opts,
+    impressions: u64,
+    nth: u32,
+) -> serde_json::Value {
     let p = o.partitions;
     let output = format!("predictions-{nth}");
     tansu.create_topics(&[&output], p);

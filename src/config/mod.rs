@@ -756,7 +756,10 @@ impl Topology {
         );
         if let Some(backlog) = &self.state.backlog_checkpoint_interval {
             let path = "state.backlog_checkpoint_interval";
-            match (parse_duration(backlog), parse_duration(&self.state.checkpoint_interval)) {
+            match (
+                parse_duration(backlog),
+                parse_duration(&self.state.checkpoint_interval),
+            ) {
                 (Ok(b), Ok(c)) if b < c => problems.push(Problem::new(
                     path,
                     format!(

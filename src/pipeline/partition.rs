@@ -24,8 +24,8 @@ use crate::sink::{
     dead_letter_headers, encode_prediction, OutputProducer, PartitionTransactions,
     PendingDeliveries, Prediction,
 };
-use crate::state::store::BanditChanges;
 use crate::source::InputRecord;
+use crate::state::store::BanditChanges;
 use crate::state::store::PartitionStore;
 use crate::state::UserState;
 use crate::util::now_us;
@@ -117,6 +117,9 @@ pub struct PartitionTask {
     last_eviction: Instant,
     /// When the last checkpoint began.
     checkpoint_started: Instant,
+    /// The broker timestamp (ms) of the newest record taken, to tell how far behind
+    /// the partition is.
+    newest_input_ms: Option<i64>,
     postponed_counter: metrics::Counter,
     /// Updates the mirror's full queue handed back, offered again at the next checkpoint.
     unmirrored: Vec<FeatureUpdate>,
@@ -226,6 +229,7 @@ impl PartitionTask {
             buffer: Vec::new(),
             last_eviction: Instant::now(),
             checkpoint_started: Instant::now(),
+            newest_input_ms: None,
             postponed_counter: metrics::counter!(m::CHECKPOINTS_POSTPONED, "partition" => partition.to_string()),
             unmirrored: Vec::new(),
         })
@@ -401,6 +405,9 @@ impl PartitionTask {
                 Err(rejection) => self.dead_letter(record, &rejection).await?,
             }
         }
+        if let Some(ms) = records.last().and_then(|r| r.timestamp().to_millis()) {
+            self.newest_input_ms = Some(ms);
+        }
         self.score_and_emit().await?;
         for (ns, histogram) in self.stage_ns.iter_mut().zip(&self.stage_histograms) {
             if *ns > 0 {
@@ -421,15 +428,21 @@ impl PartitionTask {
         Ok(())
     }
 
-    /// Whether this tick's checkpoint waits: more batches are already queued for the
-    /// partition (it has a backlog) and the last checkpoint began less than
+    /// Whether this tick's checkpoint waits: the partition is behind (more batches are
+    /// queued, and its newest record was written to the broker more than one
+    /// `state.checkpoint_interval` ago) and the last checkpoint began less than
     /// `state.backlog_checkpoint_interval` ago. A backlog makes most of its users dirty
     /// at every tick, so each checkpoint rewrites nearly all of them; spacing them
-    /// while behind writes each user once per the longer interval. Caught up, the
-    /// partition checkpoints every `state.checkpoint_interval`.
+    /// while behind writes each user once per the longer interval. A live partition
+    /// with a batch momentarily queued is not behind: larger checkpoints there hold
+    /// sled's write lock longer and lengthen the tail (20k/s runs in BENCHMARKS.md).
     fn postpone_checkpoint(&self, queued_batches: usize) -> bool {
-        let postpone = queued_batches > 0
-            && self.checkpoint_started.elapsed() < self.shared.backlog_checkpoint_interval;
+        let behind = queued_batches > 0
+            && self.newest_input_ms.is_some_and(|ms| {
+                now_ms().saturating_sub(ms) > self.shared.checkpoint_interval.as_millis() as i64
+            });
+        let postpone =
+            behind && self.checkpoint_started.elapsed() < self.shared.backlog_checkpoint_interval;
         if postpone {
             self.postponed_counter.increment(1);
         }

@@ -55,7 +55,8 @@ impl Acks {
     fn settle(&self, result: &DeliveryResult<'_>) {
         match result {
             Ok(message) => {
-                self.last_offset.fetch_max(message.offset(), Ordering::Relaxed);
+                self.last_offset
+                    .fetch_max(message.offset(), Ordering::Relaxed);
             }
             Err((error, message)) => self.failed(message.topic(), error),
         }
@@ -163,11 +164,9 @@ impl OutputProducer {
         kind: &'static str,
     ) {
         pending.note_kind(topic, kind);
-        let mut record = BaseRecord::<[u8], [u8], Arc<Acks>>::with_opaque_to(
-            topic,
-            Arc::clone(&pending.acks),
-        )
-        .payload(payload);
+        let mut record =
+            BaseRecord::<[u8], [u8], Arc<Acks>>::with_opaque_to(topic, Arc::clone(&pending.acks))
+                .payload(payload);
         if let Some(partition) = partition {
             record = record.partition(partition);
         }
@@ -273,9 +272,7 @@ impl PendingDeliveries {
 
     /// Nothing outstanding and no failure to report.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
-            && self.failed.is_none()
-            && self.acks.failures.load(Ordering::Acquire) == 0
+        self.len() == 0 && self.failed.is_none() && self.acks.failures.load(Ordering::Acquire) == 0
     }
 
     fn note_kind(&mut self, topic: &str, kind: &'static str) {

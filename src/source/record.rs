@@ -86,11 +86,17 @@ mod tests {
     #[test]
     fn key_and_payload_are_split_where_they_were_joined() {
         let r = InputRecord::new(7, Timestamp::CreateTime(5), Some(b"u1"), Some(b"{}"), None);
-        assert_eq!((r.offset(), r.key(), r.payload()), (7, Some(&b"u1"[..]), Some(&b"{}"[..])));
+        assert_eq!(
+            (r.offset(), r.key(), r.payload()),
+            (7, Some(&b"u1"[..]), Some(&b"{}"[..]))
+        );
         assert_eq!(r.timestamp().to_millis(), Some(5));
         let keyless = InputRecord::new(0, Timestamp::NotAvailable, None, Some(b"x"), None);
         assert_eq!((keyless.key(), keyless.payload()), (None, Some(&b"x"[..])));
         let empty_key = InputRecord::new(0, Timestamp::NotAvailable, Some(b""), None, None);
-        assert_eq!((empty_key.key(), empty_key.payload()), (Some(&b""[..]), None));
+        assert_eq!(
+            (empty_key.key(), empty_key.payload()),
+            (Some(&b""[..]), None)
+        );
     }
 }
