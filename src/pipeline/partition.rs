@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -437,12 +437,13 @@ impl PartitionTask {
     /// with a batch momentarily queued is not behind: larger checkpoints there hold
     /// sled's write lock longer and lengthen the tail (20k/s runs in BENCHMARKS.md).
     fn postpone_checkpoint(&self, queued_batches: usize) -> bool {
-        let behind = queued_batches > 0
-            && self.newest_input_ms.is_some_and(|ms| {
-                now_ms().saturating_sub(ms) > self.shared.checkpoint_interval.as_millis() as i64
-            });
-        let postpone =
-            behind && self.checkpoint_started.elapsed() < self.shared.backlog_checkpoint_interval;
+        let postpone = is_behind(
+            queued_batches,
+            self.newest_input_ms,
+            now_ms(),
+            self.shared.checkpoint_interval,
+        ) && self.checkpoint_started.elapsed()
+            < self.shared.backlog_checkpoint_interval;
         if postpone {
             self.postponed_counter.increment(1);
         }
@@ -1156,6 +1157,19 @@ impl PartitionTask {
 
 /// The partition's bandit as last checkpointed: posteriors and pending rewards. State
 /// written for a different number of arms starts over (and says so).
+/// A partition is behind when more batches are queued for it and its newest record
+/// reached the broker more than one checkpoint interval before `now_ms`.
+fn is_behind(
+    queued_batches: usize,
+    newest_input_ms: Option<i64>,
+    now_ms: i64,
+    checkpoint_interval: Duration,
+) -> bool {
+    queued_batches > 0
+        && newest_input_ms
+            .is_some_and(|ms| now_ms.saturating_sub(ms) > checkpoint_interval.as_millis() as i64)
+}
+
 fn restore_bandit(
     store: &PartitionStore,
     partition: i32,
@@ -1187,4 +1201,26 @@ fn restore_bandit(
     }
     tracing::info!(partition, restored, "bandit restored");
     Ok(bandit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(1);
+    const NOW: i64 = 1_767_225_600_000;
+
+    #[test]
+    fn behind_needs_a_queued_batch_and_a_newest_record_older_than_one_interval() {
+        // A drain of an old backlog: more batches queued, records minutes old.
+        assert!(is_behind(3, Some(NOW - 120_000), NOW, INTERVAL));
+        // Live at a high rate: a batch is queued, but the newest record is fresh.
+        assert!(!is_behind(3, Some(NOW - 30), NOW, INTERVAL));
+        assert!(!is_behind(1, Some(NOW - 1_000), NOW, INTERVAL));
+        assert!(is_behind(1, Some(NOW - 1_001), NOW, INTERVAL));
+        // Old records but nothing more queued: caught up with what the broker has.
+        assert!(!is_behind(0, Some(NOW - 120_000), NOW, INTERVAL));
+        // No record with a timestamp taken yet.
+        assert!(!is_behind(3, None, NOW, INTERVAL));
+    }
 }
