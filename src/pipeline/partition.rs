@@ -770,6 +770,7 @@ impl PartitionTask {
         shared.stats.predictions.fetch_add(n, Relaxed);
         if let Some(monitor) = &shared.monitor {
             monitor.offer(MonitorInput::Rows {
+                partition: self.partition,
                 rows: self.rows.clone(),
                 scores: self.scores.clone(),
                 max_ts: self.batch_max_ts,
