@@ -265,6 +265,9 @@ fn read_all(brokers: &str, topic: &str, partitions: i32, expected: u64) -> Vec<V
 struct PredictionTimes {
     input_ts: i64,
     received_us: i64,
+    /// Absent from predictions of builds before `polled_us` (AUGUR_BENCH_BIN).
+    #[serde(default)]
+    polled_us: i64,
     produced_us: i64,
 }
 
@@ -756,12 +759,19 @@ fn latency(tansu: &Tansu, work: &Path, o: &Opts, rate: f64) -> serde_json::Value
                 .map(|b| serde_json::from_slice::<PredictionTimes>(b).unwrap())
                 .filter(|t| t.input_ts >= cut)
                 .collect();
-            // Where augur's latency is spent: before its partition task takes the
-            // record (broker, fetch, the source's hand-off) and inside the task
-            // (state, features, scoring, produce call).
+            // Where augur's latency is spent: before its source takes the record from
+            // the consumer (broker, fetch, librdkafka's queue), between the source and
+            // the partition task (the task's queue), and inside the task (state,
+            // features, scoring, produce call).
             split = Some(serde_json::json!({
                 "input_to_task": percentiles(
                     times.iter().map(|t| t.received_us - t.input_ts * 1000).collect()
+                ),
+                "input_to_poll": percentiles(
+                    times.iter().map(|t| t.polled_us - t.input_ts * 1000).collect()
+                ),
+                "poll_to_task": percentiles(
+                    times.iter().map(|t| t.received_us - t.polled_us).collect()
                 ),
                 "task_to_produce": percentiles(
                     times.iter().map(|t| t.produced_us - t.received_us).collect()

@@ -78,6 +78,7 @@ struct Scored {
     event: Event,
     input_ts: i64,
     received_us: i64,
+    polled_us: i64,
     offset: i64,
     /// The experiment arm that scores it (0 without an experiment).
     arm: usize,
@@ -594,6 +595,7 @@ impl PartitionTask {
                 event,
                 input_ts,
                 received_us,
+                polled_us: record.polled_us(),
                 offset: record.offset(),
                 arm,
             });
@@ -739,6 +741,7 @@ impl PartitionTask {
                     features,
                     input_ts: scored.input_ts,
                     received_us: scored.received_us,
+                    polled_us: scored.polled_us,
                     produced_us,
                 },
                 &mut self.buffer,
@@ -792,6 +795,7 @@ impl PartitionTask {
                         event: s.event,
                         input_ts: s.input_ts,
                         received_us: s.received_us,
+                        polled_us: s.polled_us,
                     })
                     .collect();
                 let batch = ShadowBatch {

@@ -36,6 +36,7 @@ pub struct ShadowEvent {
     pub event: Event,
     pub input_ts: i64,
     pub received_us: i64,
+    pub polled_us: i64,
 }
 
 /// Where partitions offer batches. Cheap to clone.
@@ -151,6 +152,7 @@ pub fn score_batch(
                     features: None,
                     input_ts: shadow_event.input_ts,
                     received_us: shadow_event.received_us,
+                    polled_us: shadow_event.polled_us,
                     produced_us: now_us(),
                 },
                 &mut scratch.buffer,

@@ -32,6 +32,9 @@ pub struct Prediction<'a> {
     pub features: Option<(&'a [String], &'a [f64])>,
     /// Kafka timestamp of the input record, ms.
     pub input_ts: i64,
+    /// Wall clock (µs) when the source took the input record from the consumer, when
+    /// the partition task took it, and when the prediction went to the producer.
+    pub polled_us: i64,
     pub received_us: i64,
     pub produced_us: i64,
 }
@@ -48,6 +51,7 @@ struct PredictionJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     features: Option<FeatureMap<'a>>,
     input_ts: i64,
+    polled_us: i64,
     received_us: i64,
     produced_us: i64,
 }
@@ -79,6 +83,7 @@ pub fn encode_prediction(codec: Codec, p: &Prediction<'_>, out: &mut Vec<u8>) {
                 score: p.score,
                 features: p.features.map(|(names, values)| FeatureMap(names, values)),
                 input_ts: p.input_ts,
+                polled_us: p.polled_us,
                 received_us: p.received_us,
                 produced_us: p.produced_us,
             };
@@ -108,6 +113,7 @@ pub fn encode_prediction(codec: Codec, p: &Prediction<'_>, out: &mut Vec<u8>) {
                     })
                     .unwrap_or_default(),
                 input_ts: p.input_ts,
+                polled_us: p.polled_us,
                 received_us: p.received_us,
                 produced_us: p.produced_us,
             };
@@ -142,6 +148,7 @@ mod tests {
             score: 0.125,
             features: Some((&names, &values)),
             input_ts: 5,
+            polled_us: 5,
             received_us: 6,
             produced_us: 7,
         };

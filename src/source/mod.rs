@@ -44,6 +44,7 @@ use crate::pipeline::{Control, PartitionError, PartitionTask, Shared, StoreFault
 use crate::sink::PartitionTransactions;
 use crate::state::changelog::ReadTo;
 use crate::state::store::{PartitionStore, StateStore, StoreError};
+use crate::util::now_us;
 
 mod record;
 pub use record::InputRecord;
@@ -746,9 +747,10 @@ impl Queues {
                 continue;
             }
             let mut batch = Vec::new();
+            let polled_us = now_us();
             while batch.len() < MAX_BATCH {
                 match queue.poll(Duration::ZERO) {
-                    Some(Ok(message)) => batch.push(InputRecord::copy_of(&message)),
+                    Some(Ok(message)) => batch.push(InputRecord::copy_of(&message, polled_us)),
                     Some(Err(e)) => {
                         tracing::warn!(partition, error = %e, "consumer error");
                         break;
@@ -828,7 +830,7 @@ fn poll_loop(
                     early
                         .entry(message.partition())
                         .or_default()
-                        .push(InputRecord::copy_of(&message));
+                        .push(InputRecord::copy_of(&message, now_us()));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");

@@ -16,11 +16,14 @@ pub struct InputRecord {
     key_len: Option<u32>,
     has_payload: bool,
     headers: Option<OwnedHeaders>,
+    /// Wall clock when the source took it from the consumer (µs).
+    polled_us: i64,
 }
 
 impl InputRecord {
-    /// Copies `message` out of the consumer's buffer.
-    pub fn copy_of(message: &BorrowedMessage<'_>) -> InputRecord {
+    /// Copies `message` out of the consumer's buffer; `polled_us` is the wall clock
+    /// when the source took it (one reading per batch).
+    pub fn copy_of(message: &BorrowedMessage<'_>, polled_us: i64) -> InputRecord {
         let key = message.key();
         let payload = message.payload();
         let (k, p) = (key.unwrap_or_default(), payload.unwrap_or_default());
@@ -35,6 +38,7 @@ impl InputRecord {
             key_len: key.map(|k| k.len() as u32),
             has_payload: payload.is_some(),
             headers: message.headers().map(|h| h.detach()),
+            polled_us,
         }
     }
 
@@ -54,6 +58,7 @@ impl InputRecord {
             key_len: key.map(|k| k.len() as u32),
             has_payload: payload.is_some(),
             headers,
+            polled_us: 0,
         }
     }
 
@@ -76,6 +81,10 @@ impl InputRecord {
 
     pub fn headers(&self) -> Option<&OwnedHeaders> {
         self.headers.as_ref()
+    }
+
+    pub fn polled_us(&self) -> i64 {
+        self.polled_us
     }
 }
 
