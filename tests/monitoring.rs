@@ -475,21 +475,18 @@ fn injected_drift_fires_within_50k_events_and_never_before() {
         // its own newest event. The two partitions are drained at their own pace, and
         // one can be tens of thousands of events ahead of the other, so the newest
         // event time alone overstates how much of the drifted stream was seen.
-        let partitions = a["details"]["partition_event_ts"].as_object().unwrap();
-        let after: i64 = partitions
+        let reached: Vec<i64> = a["details"]["partition_event_ts"]
+            .as_object()
+            .unwrap()
             .values()
-            .map(|ts| (ts.as_i64().unwrap() - t).max(0) / 1000)
-            .sum::<i64>()
-            / PARTITIONS as i64;
+            .map(|ts| (ts.as_i64().unwrap() - t) / 1000)
+            .collect();
+        let after = reached.iter().map(|&r| r.max(0)).sum::<i64>() / PARTITIONS as i64;
         eprintln!(
-            "{} {}: {after} events after T taken in (newest event {:+} after T; per partition {:?})",
+            "{} {}: {after} events after T taken in (newest event {:+} after T; per partition {reached:?})",
             a["alert"],
             a["subject"],
             (at - t) / 1000,
-            partitions
-                .values()
-                .map(|ts| (ts.as_i64().unwrap() - t) / 1000)
-                .collect::<Vec<_>>(),
         );
         if a["alert"] == "feature_drift" || a["alert"] == "prediction_drift" {
             first_drift = Some(first_drift.map_or(after, |f: i64| f.min(after)));

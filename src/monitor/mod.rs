@@ -176,9 +176,9 @@ struct Monitor {
     rows_since_check: usize,
     last_check: Option<Instant>,
     rows_seen: u64,
-    max_ts: i64,
     /// The newest event time seen from each input partition: partitions drained at
-    /// their own pace can be far apart, and an alert says how far each had got.
+    /// their own pace can be far apart, and an alert says how far each had got (and
+    /// the newest of them).
     partition_ts: BTreeMap<i32, i64>,
     scratch: Vec<f64>,
 }
@@ -206,7 +206,6 @@ impl Monitor {
             rows_since_check: 0,
             last_check: None,
             rows_seen: 0,
-            max_ts: i64::MIN,
             partition_ts: BTreeMap::new(),
             scratch: Vec::new(),
         }
@@ -318,7 +317,6 @@ impl Monitor {
         }
         self.rows_since_check += scores.len();
         self.rows_seen += scores.len() as u64;
-        self.max_ts = self.max_ts.max(max_ts);
         let newest = self.partition_ts.entry(partition).or_insert(max_ts);
         *newest = (*newest).max(max_ts);
     }
@@ -508,7 +506,8 @@ impl Monitor {
             None
         };
         if let Some(firing) = change {
-            details["event_ts"] = serde_json::json!(self.max_ts);
+            let newest = self.partition_ts.values().copied().max();
+            details["event_ts"] = serde_json::json!(newest.unwrap_or(i64::MIN));
             details["partition_event_ts"] = serde_json::json!(self.partition_ts);
             details["rows_seen"] = serde_json::json!(self.rows_seen);
             self.alerts.set(alert, &subject, firing, &message, details);
