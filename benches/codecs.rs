@@ -46,6 +46,7 @@ struct PredictionRecord {
     #[serde(default)]
     features: Option<std::collections::BTreeMap<String, f64>>,
     input_ts: i64,
+    polled_us: i64,
     received_us: i64,
     produced_us: i64,
 }
@@ -59,6 +60,7 @@ fn prediction<'a>(event: &'a Event, features: Option<(&'a [String], &'a [f64])>)
         score: 0.083_251_7,
         features,
         input_ts: event.ts,
+        polled_us: event.ts * 1000 + 6_940,
         received_us: event.ts * 1000 + 7_021,
         produced_us: event.ts * 1000 + 7_102,
     }

@@ -147,7 +147,7 @@ impl StateStore {
 type StoredUsers = HashSet<u64, foldhash::fast::RandomState>;
 
 fn user_hash(user: &[u8]) -> u64 {
-    foldhash::fast::FixedState::with_seed(0x6175_6775_72).hash_one(user)
+    foldhash::fast::FixedState::with_seed(0x0061_7567_7572).hash_one(user)
 }
 
 /// Durable state of one input partition.

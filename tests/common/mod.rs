@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -177,24 +178,45 @@ impl Broker {
         self.spawn();
     }
 
+    /// Creates a topic, retrying a request that timed out: a tansu sharing two cores
+    /// with a parallel release test run has taken longer than the request's timeout.
+    /// On a retry, the topic already existing means the timed-out request made it.
     pub fn create_topic(&self, name: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .create()
             .unwrap();
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let results = rt
-            .block_on(admin.create_topics(
-                &[topic],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            ))
-            .expect("create_topics");
-        for r in results {
-            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            let result = match rt.block_on(admin.create_topics(&[topic], &options)) {
+                Ok(mut results) => results.pop().expect("one result per topic").map(|_| ()),
+                Err(e) => match e.rdkafka_error_code() {
+                    Some(code) => Err((name.to_string(), code)),
+                    None => panic!("creating topic {name}: {e}"),
+                },
+            };
+            match result {
+                Ok(()) => return,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) if attempt > 1 => return,
+                Err((_, code))
+                    if attempt < ATTEMPTS
+                        && matches!(
+                            code,
+                            RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut
+                        ) =>
+                {
+                    eprintln!(
+                        "creating topic {name}: {code} (attempt {attempt} of {ATTEMPTS}); retrying"
+                    );
+                }
+                Err((t, code)) => panic!("creating topic {t}: {code}"),
+            }
         }
     }
 
