@@ -425,6 +425,9 @@ fn start_passthrough(
         .set("enable.partition.eof", "false")
         .set("statistics.interval.ms", "5000")
         .set("fetch.wait.max.ms", "10")
+        // The engine's default (`pipeline`): librdkafka's 1 s made this loop's drain
+        // time 2.4, 3.2 or 4.1 s, by whole stalls, instead of about 1.5 s.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .unwrap();
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
