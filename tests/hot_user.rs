@@ -28,16 +28,18 @@ fn impression(id: &str, user: &str, ts: i64) -> String {
 
 #[test]
 fn a_hot_users_backlog_slows_only_its_own_partition() {
-    // The hot backlog must outlast the cold traffic (about 5 s) by seconds, or the test
+    // The hot backlog must outlast the cold traffic (about 3 s) by seconds, or the test
     // proves nothing (the guard below). An optimised build works through a backlog
     // several times faster: 400k events took under 5 s there, 2M took 16 s (but tansu's
     // memory storage then served the 2M predictions too slowly to read back in 5 min).
+    // Since a caught-up partition no longer idles out librdkafka's 1 s fetch backoff,
+    // the debug build finished 400k only 1.6 s after 5 s of cold traffic.
     const HOT_EVENTS: usize = if cfg!(debug_assertions) {
-        400_000
+        500_000
     } else {
         1_000_000
     };
-    const COLD_ROUNDS: usize = 100;
+    const COLD_ROUNDS: usize = 60;
     let broker = Broker::start();
     let topics = Topics::create(&broker, PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
