@@ -1,15 +1,17 @@
 //! The JSON event codec. Parses in one pass into loosely typed fields, then checks each
 //! field's type so that the error names the field, what was expected and what came.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{Event, EventType, Reason, Rejection};
 
-/// A JSON value as far as the event contract cares.
-enum Scalar {
-    Str(String),
+/// A JSON value as far as the event contract cares. Strings without escapes borrow
+/// from the payload, so a field that is only looked at (`type`) allocates nothing.
+enum Scalar<'de> {
+    Str(Cow<'de, str>),
     Int(i64),
     /// Integers beyond i64, and every number with a fraction or exponent.
     Float(f64),
@@ -19,7 +21,7 @@ enum Scalar {
     Object,
 }
 
-impl Scalar {
+impl Scalar<'_> {
     fn describe(&self) -> String {
         match self {
             Scalar::Str(s) if s.len() > 40 => format!("string \"{}...\"", truncate(s, 40)),
@@ -42,7 +44,7 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-impl<'de> de::Deserialize<'de> for Scalar {
+impl<'de> de::Deserialize<'de> for Scalar<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ScalarVisitor)
     }
@@ -51,37 +53,40 @@ impl<'de> de::Deserialize<'de> for Scalar {
 struct ScalarVisitor;
 
 impl<'de> Visitor<'de> for ScalarVisitor {
-    type Value = Scalar;
+    type Value = Scalar<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
-        Ok(Scalar::Str(v.to_owned()))
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Str(Cow::Borrowed(v)))
     }
-    fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
-        Ok(Scalar::Str(v))
+    fn visit_str<E>(self, v: &str) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Str(Cow::Owned(v.to_owned())))
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+    fn visit_string<E>(self, v: String) -> Result<Scalar<'de>, E> {
+        Ok(Scalar::Str(Cow::Owned(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Int(v))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+    fn visit_u64<E>(self, v: u64) -> Result<Scalar<'de>, E> {
         Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+    fn visit_f64<E>(self, v: f64) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Float(v))
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Scalar, E> {
+    fn visit_bool<E>(self, v: bool) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Bool(v))
     }
-    fn visit_unit<E>(self) -> Result<Scalar, E> {
+    fn visit_unit<E>(self) -> Result<Scalar<'de>, E> {
         Ok(Scalar::Null)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar<'de>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Scalar::Array)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar<'de>, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Scalar::Object)
     }
@@ -125,26 +130,26 @@ impl<'de> de::Deserialize<'de> for Key {
 }
 
 #[derive(Default)]
-struct RawEvent {
-    event_id: Option<Scalar>,
-    user_id: Option<Scalar>,
-    ts: Option<Scalar>,
-    kind: Option<Scalar>,
-    item_id: Option<Scalar>,
-    category: Option<Scalar>,
-    amount: Option<Scalar>,
+struct RawEvent<'de> {
+    event_id: Option<Scalar<'de>>,
+    user_id: Option<Scalar<'de>>,
+    ts: Option<Scalar<'de>>,
+    kind: Option<Scalar<'de>>,
+    item_id: Option<Scalar<'de>>,
+    category: Option<Scalar<'de>>,
+    amount: Option<Scalar<'de>>,
 }
 
 struct RawEventVisitor;
 
 impl<'de> Visitor<'de> for RawEventVisitor {
-    type Value = RawEvent;
+    type Value = RawEvent<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<'de>, A::Error> {
         let mut raw = RawEvent::default();
         while let Some(key) = map.next_key::<Key>()? {
             let slot = match key {
@@ -176,7 +181,7 @@ pub fn decode_json(payload: &[u8]) -> Result<Event, Rejection> {
             Rejection::new(Reason::InvalidJson, format!("not a JSON event object: {e}"))
         })?;
 
-    let kind_name = required_string(raw.kind, "type")?;
+    let kind_name = required_str(raw.kind, "type")?;
     let kind = EventType::parse(&kind_name).ok_or_else(|| {
         Rejection::new(
             Reason::UnknownType,
@@ -215,6 +220,10 @@ fn mistyped(field: &str, expected: &str, got: &Scalar) -> Rejection {
 }
 
 fn required_string(value: Option<Scalar>, field: &str) -> Result<String, Rejection> {
+    required_str(value, field).map(Cow::into_owned)
+}
+
+fn required_str<'de>(value: Option<Scalar<'de>>, field: &str) -> Result<Cow<'de, str>, Rejection> {
     match value {
         None => Err(missing(field)),
         Some(Scalar::Str(s)) => Ok(s),

@@ -116,6 +116,9 @@ pub struct PartitionTask {
     model_input: Vec<f32>,
     buffer: Vec<u8>,
     last_eviction: Instant,
+    /// When the current batch began: the time a user is marked as touched (eviction
+    /// works in seconds; one clock read per batch instead of one per event).
+    batch_started: Instant,
     /// When the last checkpoint began.
     checkpoint_started: Instant,
     /// The broker timestamp (ms) of the newest record taken, to tell how far behind
@@ -229,6 +232,7 @@ impl PartitionTask {
             model_input: Vec::new(),
             buffer: Vec::new(),
             last_eviction: Instant::now(),
+            batch_started: Instant::now(),
             checkpoint_started: Instant::now(),
             newest_input_ms: None,
             postponed_counter: metrics::counter!(m::CHECKPOINTS_POSTPONED, "partition" => partition.to_string()),
@@ -383,6 +387,8 @@ impl PartitionTask {
             self.settle().await?;
         }
         let now = now_ms();
+        self.batch_started = Instant::now();
+        let mut taken = 0u64;
         for record in &records {
             let offset = record.offset();
             match self.next_offset {
@@ -391,8 +397,7 @@ impl PartitionTask {
                 _ => {}
             }
             self.next_offset = Some(offset + 1);
-            self.events_counter.increment(1);
-            self.shared.stats.events.fetch_add(1, Relaxed);
+            taken += 1;
             let received_us = now_us();
             self.records_seen = self.records_seen.wrapping_add(1);
             self.timed = self.records_seen % SAMPLE_EVERY == 0;
@@ -406,6 +411,8 @@ impl PartitionTask {
                 Err(rejection) => self.dead_letter(record, &rejection).await?,
             }
         }
+        self.events_counter.increment(taken);
+        self.shared.stats.events.fetch_add(taken, Relaxed);
         if let Some(ms) = records.last().and_then(|r| r.timestamp().to_millis()) {
             self.newest_input_ms = Some(ms);
         }
@@ -496,32 +503,15 @@ impl PartitionTask {
         received_us: i64,
     ) -> Result<(), PartitionError> {
         let started = self.timed.then(Instant::now);
-        if !self.users.contains_key(&event.user_id) {
-            let state = match self.store.load_user(&event.user_id)? {
-                Some(state) if self.shared.features.fits(&state) => state,
-                Some(_) => {
-                    return Err(PartitionError::StateShape {
-                        partition: self.partition,
-                        user: event.user_id.clone(),
-                    })
-                }
-                None => self.shared.features.new_state(),
-            };
-            let bytes = event.user_id.len() + state.approx_bytes();
-            self.hot_bytes += bytes;
-            self.users.insert(
-                event.user_id.clone(),
-                HotUser {
-                    state,
-                    bytes,
-                    dirty: false,
-                    touched: Instant::now(),
-                    last: None,
-                },
-            );
-        }
-        let user = self.users.get_mut(&event.user_id).expect("inserted above");
-        user.touched = Instant::now();
+        // One lookup for a user already in memory (nearly every event of a stream).
+        let user = match self.users.get_mut(&event.user_id) {
+            Some(user) => user,
+            None => {
+                self.load_user(&event.user_id)?;
+                self.users.get_mut(&event.user_id).expect("loaded above")
+            }
+        };
+        user.touched = self.batch_started;
         let loaded = self.timed.then(Instant::now);
         let applied = self.shared.features.apply_event(
             &mut user.state,
@@ -600,6 +590,33 @@ impl PartitionTask {
                 arm,
             });
         }
+        Ok(())
+    }
+
+    /// Brings a user into the hot map: its checkpointed state, or a new one.
+    fn load_user(&mut self, user_id: &str) -> Result<(), PartitionError> {
+        let state = match self.store.load_user(user_id)? {
+            Some(state) if self.shared.features.fits(&state) => state,
+            Some(_) => {
+                return Err(PartitionError::StateShape {
+                    partition: self.partition,
+                    user: user_id.to_owned(),
+                })
+            }
+            None => self.shared.features.new_state(),
+        };
+        let bytes = user_id.len() + state.approx_bytes();
+        self.hot_bytes += bytes;
+        self.users.insert(
+            user_id.to_owned(),
+            HotUser {
+                state,
+                bytes,
+                dirty: false,
+                touched: self.batch_started,
+                last: None,
+            },
+        );
         Ok(())
     }
 
@@ -720,6 +737,7 @@ impl PartitionTask {
             Some(e) => e.arms.iter().map(String::as_str).collect(),
             None => vec!["champion"],
         };
+        let mut runs: Vec<((u32, usize), u64)> = Vec::new();
         for (i, scored) in self.scored.iter().enumerate() {
             let meta = &models.scorer(scored.arm).meta;
             let produced_us = now_us();
@@ -759,14 +777,22 @@ impl PartitionTask {
             let latency_us = (produced_us - scored.input_ts * 1000).max(0) as u64;
             self.e2e_histogram.record(latency_us as f64 / 1e6);
             shared.stats.e2e_latency.record_us(latency_us);
+            // Counted per run of equal (version, arm), nearly always the whole batch.
+            match runs.last_mut() {
+                Some((key, n)) if *key == (meta.version, scored.arm) => *n += 1,
+                _ => runs.push(((meta.version, scored.arm), 1)),
+            }
+        }
+        for ((version, arm), n) in runs {
+            let meta = &models.scorer(arm).meta;
             self.prediction_counters
-                .entry((meta.version, scored.arm))
+                .entry((version, arm))
                 .or_insert_with(|| {
                     metrics::counter!(m::PREDICTIONS, "model" => meta.name.clone(),
-                        "version" => meta.version.to_string(), "variant" => variants[scored.arm].to_owned(),
+                        "version" => version.to_string(), "variant" => variants[arm].to_owned(),
                         "topic" => shared.predictions_topic.clone(), "partition" => self.partition.to_string())
                 })
-                .increment(1);
+                .increment(n);
         }
         self.stage_ns[PRODUCE] += producing.elapsed().as_nanos() as u64;
         let n = self.scored.len() as u64;

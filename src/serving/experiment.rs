@@ -4,7 +4,7 @@
 //! replays from its checkpoint decides exactly as it did the first time.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::gen::Rng;
@@ -218,7 +218,7 @@ pub type PendingReward = Pending<u8>;
 /// A user's id is held once, shared by its pending list and its deadlines.
 #[derive(Debug)]
 pub struct ClickJoin<T> {
-    pending: HashMap<Arc<str>, Vec<Pending<T>>, foldhash::fast::RandomState>,
+    pending: hashbrown::HashMap<Arc<str>, Vec<Pending<T>>, foldhash::fast::RandomState>,
     deadlines: Deadlines,
     count: usize,
     /// Users whose pending list changed since the last [`ClickJoin::take_changes`].
@@ -234,7 +234,7 @@ impl<T: Clone> ClickJoin<T> {
     /// A join whose changes are tracked for checkpointing.
     pub fn new(lateness_ms: i64, max_pending: usize) -> ClickJoin<T> {
         ClickJoin {
-            pending: HashMap::default(),
+            pending: hashbrown::HashMap::default(),
             deadlines: Deadlines::default(),
             count: 0,
             dirty: HashSet::default(),
@@ -286,14 +286,17 @@ impl<T: Clone> ClickJoin<T> {
             ts,
             payload,
         };
-        let user = match self.pending.get_key_value(user) {
-            Some((key, _)) => Arc::clone(key),
-            None => Arc::from(user),
+        let user = match self.pending.get_key_value_mut(user) {
+            Some((key, list)) => {
+                list.push(pending);
+                Arc::clone(key)
+            }
+            None => {
+                let key: Arc<str> = Arc::from(user);
+                self.pending.insert(Arc::clone(&key), vec![pending]);
+                key
+            }
         };
-        self.pending
-            .entry(Arc::clone(&user))
-            .or_default()
-            .push(pending);
         self.deadlines
             .push(ts + self.settle_after_ms, Arc::clone(&user));
         self.count += 1;
@@ -310,7 +313,7 @@ impl<T: Clone> ClickJoin<T> {
         ts: i64,
         mut settle: impl FnMut(&T, bool),
     ) -> u64 {
-        let Some(list) = self.pending.get_mut(user) else {
+        let Some((key, list)) = self.pending.get_key_value_mut(user) else {
             return 0;
         };
         let before = list.len();
@@ -323,11 +326,9 @@ impl<T: Clone> ClickJoin<T> {
         });
         let settled = before - list.len();
         if settled > 0 {
+            let key = Arc::clone(key);
             self.count -= settled;
-            if let Some((key, _)) = self.pending.get_key_value(user) {
-                let key = Arc::clone(key);
-                self.touched(&key);
-            }
+            self.touched(&key);
         }
         settled as u64
     }
@@ -341,9 +342,11 @@ impl<T: Clone> ClickJoin<T> {
         self.max_ts = ts;
         let mut expired = 0u64;
         while let Some(user) = self.deadlines.pop_before(ts) {
-            let Some(list) = self.pending.get_mut(&user) else {
+            let hashbrown::hash_map::EntryRef::Occupied(mut entry) = self.pending.entry_ref(&*user)
+            else {
                 continue;
             };
+            let list = entry.get_mut();
             let before = list.len();
             let settle_after = self.settle_after_ms;
             list.retain(|r| {
@@ -355,7 +358,7 @@ impl<T: Clone> ClickJoin<T> {
             });
             let n = before - list.len();
             if list.is_empty() {
-                self.pending.remove(&user);
+                entry.remove();
             }
             if n > 0 {
                 expired += n as u64;
@@ -477,6 +480,7 @@ pub fn decode_pending(mut bytes: &[u8]) -> Option<Vec<PendingReward>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn deadlines_come_out_earliest_first_and_only_before_the_time_asked() {
