@@ -50,6 +50,13 @@ impl Queue {
         let (_, user) = self.order.front()?;
         self.users.get(user)
     }
+
+    /// Takes the user at the front out of the queue.
+    fn pop_front(&mut self) -> Option<Queued> {
+        self.front()?;
+        let (_, user) = self.order.pop_front()?;
+        self.users.remove(&user)
+    }
 }
 
 /// The queue between the partition tasks and the writer.
@@ -118,14 +125,11 @@ impl Mirror {
         let mut updates = Vec::new();
         let mut since = Vec::new();
         while updates.len() < self.batch {
-            let Some((seq, user)) = queue.order.pop_front() else {
+            let Some(queued) = queue.pop_front() else {
                 break;
             };
-            if queue.users.get(&user).is_some_and(|q| q.seq == seq) {
-                let queued = queue.users.remove(&user).expect("checked above");
-                updates.push(queued.update);
-                since.push(queued.since);
-            }
+            updates.push(queued.update);
+            since.push(queued.since);
         }
         (updates, since)
     }

@@ -244,13 +244,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn json_prediction_has_the_documented_shape() {
+    /// The sample prediction with two features, encoded.
+    fn encoded(codec: Codec) -> Vec<u8> {
         let event = event();
         let names = vec!["a".to_string(), "b".to_string()];
         let values = [1.0, 0.25];
         let mut out = Vec::new();
-        encode_prediction(Codec::Json, &prediction(&event, &names, &values), &mut out);
+        encode_prediction(codec, &prediction(&event, &names, &values), &mut out);
+        out
+    }
+
+    #[test]
+    fn json_prediction_has_the_documented_shape() {
+        let out = encoded(Codec::Json);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["user_id"], "ü-7-é");
         assert_eq!(v["score"], 0.125);
@@ -270,15 +276,7 @@ mod tests {
     #[test]
     fn protobuf_prediction_carries_every_field() {
         use prost::Message;
-        let event = event();
-        let names = vec!["a".to_string(), "b".to_string()];
-        let values = [1.0, 0.25];
-        let mut out = Vec::new();
-        encode_prediction(
-            Codec::Protobuf,
-            &prediction(&event, &names, &values),
-            &mut out,
-        );
+        let out = encoded(Codec::Protobuf);
         let p = crate::proto::Prediction::decode(out.as_slice()).unwrap();
         assert_eq!(p.user_id, "ü-7-é");
         assert_eq!(p.event_id, "e-1");
