@@ -129,27 +129,43 @@ impl<'de> de::Deserialize<'de> for Key {
     }
 }
 
-#[derive(Default)]
-struct RawEvent<'de> {
-    event_id: Option<Scalar<'de>>,
-    user_id: Option<Scalar<'de>>,
-    ts: Option<Scalar<'de>>,
-    kind: Option<Scalar<'de>>,
-    item_id: Option<Scalar<'de>>,
-    category: Option<Scalar<'de>>,
-    amount: Option<Scalar<'de>>,
+/// The contract's fields as they came, before their types are checked: `V` is
+/// [`Scalar`] here and the fast path's own value in `flat_json.rs`. A repeated key keeps
+/// its last value.
+pub(super) struct RawEvent<V> {
+    pub event_id: Option<V>,
+    pub user_id: Option<V>,
+    pub ts: Option<V>,
+    pub kind: Option<V>,
+    pub item_id: Option<V>,
+    pub category: Option<V>,
+    pub amount: Option<V>,
+}
+
+impl<V> Default for RawEvent<V> {
+    fn default() -> Self {
+        RawEvent {
+            event_id: None,
+            user_id: None,
+            ts: None,
+            kind: None,
+            item_id: None,
+            category: None,
+            amount: None,
+        }
+    }
 }
 
 struct RawEventVisitor;
 
 impl<'de> Visitor<'de> for RawEventVisitor {
-    type Value = RawEvent<'de>;
+    type Value = RawEvent<Scalar<'de>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<'de>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<Scalar<'de>>, A::Error> {
         let mut raw = RawEvent::default();
         while let Some(key) = map.next_key::<Key>()? {
             let slot = match key {
@@ -173,6 +189,14 @@ impl<'de> Visitor<'de> for RawEventVisitor {
 
 /// Decodes one JSON event. Value range checks are left to the caller.
 pub fn decode_json(payload: &[u8]) -> Result<Event, Rejection> {
+    match super::flat_json::decode(payload) {
+        Some(event) => Ok(event),
+        None => decode_serde(payload),
+    }
+}
+
+/// The general path: any JSON, and the error that names the field when it is bad.
+pub(super) fn decode_serde(payload: &[u8]) -> Result<Event, Rejection> {
     let mut deserializer = serde_json::Deserializer::from_slice(payload);
     let raw = deserializer
         .deserialize_map(RawEventVisitor)

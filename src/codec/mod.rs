@@ -4,6 +4,7 @@
 //! Errors here are plain values without backtraces: they are built for every bad record
 //! on the hot path and end up as a dead-letter reason, never as a panic.
 
+mod flat_json;
 mod json;
 mod protobuf;
 
