@@ -115,9 +115,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.rate,
         args.users,
         args.bad_every,
+        Arc::clone(&ready),
         Arc::clone(&stop),
     ));
-    let status = tokio::spawn(status_line(Arc::clone(&stats), admin, Arc::clone(&stop)));
+    let status = tokio::spawn(status_line(
+        Arc::clone(&stats),
+        admin,
+        Arc::clone(&ready),
+        Arc::clone(&stop),
+    ));
 
     println!(
         "augur demo: {} events/s for {} users into an embedded broker ({brokers}); model ctr v1; \
@@ -157,15 +163,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Produces scenario events at `rate` per second, event time = now, with an occasional
-/// invalid record so that the dead-letter path shows.
+/// invalid record so that the dead-letter path shows. Starts once the worker holds its
+/// partitions: events produced while it joins its group would only wait, and the first
+/// seconds would show a backlog's latency instead of the engine's.
 async fn generate(
     producer: FutureProducer,
     topic: String,
     rate: u32,
     users: u32,
     bad_every: u64,
+    ready: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) {
+    while !ready.load(Relaxed) {
+        if stop.load(Relaxed) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut generator = Generator::new(42, users);
     let started = Instant::now();
     let mut sent: u64 = 0;
@@ -194,32 +209,48 @@ async fn generate(
     }
 }
 
-async fn status_line(stats: Arc<Stats>, admin: SocketAddr, stop: Arc<AtomicBool>) {
+async fn status_line(
+    stats: Arc<Stats>,
+    admin: SocketAddr,
+    ready: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
     let tty = std::io::stdout().is_terminal();
     let started = Instant::now();
     let mut last_events = 0;
+    let mut joined = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     while !stop.load(Relaxed) {
         tick.tick().await;
-        let events = stats.events.load(Relaxed);
-        let p99 = stats
-            .e2e_latency
-            .quantile_us(0.99)
-            .map_or("-".to_owned(), |us| format!("{:.1} ms", us as f64 / 1000.0));
-        stats.e2e_latency.reset();
-        let line = format!(
-            "[{:>4}s] {:>6} events/s | {:>8} predictions | p99 latency {:>8} | {} dead letters | http://{admin}/metrics",
-            started.elapsed().as_secs(),
-            events - last_events,
-            stats.predictions.load(Relaxed),
-            p99,
-            stats.dead_letters.load(Relaxed),
-        );
-        last_events = events;
+        joined |= ready.load(Relaxed);
+        let line = if joined {
+            let events = stats.events.load(Relaxed);
+            let p99 = stats
+                .e2e_latency
+                .quantile_us(0.99)
+                .map_or("-".to_owned(), |us| format!("{:.1} ms", us as f64 / 1000.0));
+            stats.e2e_latency.reset();
+            let line = format!(
+                "[{:>4}s] {:>6} events/s | {:>8} predictions | p99 latency {:>8} | {} dead letters | http://{admin}/metrics",
+                started.elapsed().as_secs(),
+                events - last_events,
+                stats.predictions.load(Relaxed),
+                p99,
+                stats.dead_letters.load(Relaxed),
+            );
+            last_events = events;
+            line
+        } else {
+            format!(
+                "[{:>4}s] joining the consumer group (the broker waits 3 s for other members)",
+                started.elapsed().as_secs()
+            )
+        };
         let mut out = std::io::stdout().lock();
         if tty {
-            let _ = write!(out, "\r{line}");
+            // Back to the line's start, and clear what a longer line left behind.
+            let _ = write!(out, "\r{line}\x1b[K");
         } else {
             let _ = writeln!(out, "{line}");
         }
