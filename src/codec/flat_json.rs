@@ -10,7 +10,7 @@
 //! place, and what this path accepts, the serde path decodes to the same event (a
 //! property test below holds the two equal).
 
-use super::json::RawEvent;
+use super::json::{Field, RawEvent};
 use super::{Event, EventType};
 
 /// Decodes `payload` when it has the common shape; `None` means "ask serde".
@@ -20,7 +20,7 @@ pub(super) fn decode(payload: &[u8]) -> Option<Event> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut s = Scanner {
         text,
-        bytes: payload,
+        bytes: text.as_bytes(),
         at: 0,
     };
     let mut fields = RawEvent::default();
@@ -35,15 +35,8 @@ pub(super) fn decode(payload: &[u8]) -> Option<Event> {
             s.skip_ws();
             let value = s.value()?;
             // A repeated key keeps its last value, as in the serde path.
-            match key {
-                "event_id" => fields.event_id = Some(value),
-                "user_id" => fields.user_id = Some(value),
-                "ts" => fields.ts = Some(value),
-                "type" => fields.kind = Some(value),
-                "item_id" => fields.item_id = Some(value),
-                "category" => fields.category = Some(value),
-                "amount" => fields.amount = Some(value),
-                _ => {}
+            if let Some(field) = Field::parse(key) {
+                *fields.slot(field) = Some(value);
             }
             s.skip_ws();
             if s.eat(b'}') {

@@ -93,7 +93,8 @@ impl<'de> Visitor<'de> for ScalarVisitor {
 }
 
 /// The keys the contract knows; others are ignored, as producers may add fields.
-enum Key {
+#[derive(Clone, Copy)]
+pub(super) enum Field {
     EventId,
     UserId,
     Ts,
@@ -101,8 +102,25 @@ enum Key {
     ItemId,
     Category,
     Amount,
-    Other,
 }
+
+impl Field {
+    pub(super) fn parse(key: &str) -> Option<Field> {
+        Some(match key {
+            "event_id" => Field::EventId,
+            "user_id" => Field::UserId,
+            "ts" => Field::Ts,
+            "type" => Field::Type,
+            "item_id" => Field::ItemId,
+            "category" => Field::Category,
+            "amount" => Field::Amount,
+            _ => return None,
+        })
+    }
+}
+
+/// An object key: a contract field, or `None` for one to skip.
+struct Key(Option<Field>);
 
 impl<'de> de::Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -113,16 +131,7 @@ impl<'de> de::Deserialize<'de> for Key {
                 f.write_str("a field name")
             }
             fn visit_str<E>(self, v: &str) -> Result<Key, E> {
-                Ok(match v {
-                    "event_id" => Key::EventId,
-                    "user_id" => Key::UserId,
-                    "ts" => Key::Ts,
-                    "type" => Key::Type,
-                    "item_id" => Key::ItemId,
-                    "category" => Key::Category,
-                    "amount" => Key::Amount,
-                    _ => Key::Other,
-                })
+                Ok(Key(Field::parse(v)))
             }
         }
         deserializer.deserialize_identifier(KeyVisitor)
@@ -140,6 +149,21 @@ pub(super) struct RawEvent<V> {
     pub item_id: Option<V>,
     pub category: Option<V>,
     pub amount: Option<V>,
+}
+
+impl<V> RawEvent<V> {
+    /// Where a field's value goes.
+    pub(super) fn slot(&mut self, field: Field) -> &mut Option<V> {
+        match field {
+            Field::EventId => &mut self.event_id,
+            Field::UserId => &mut self.user_id,
+            Field::Ts => &mut self.ts,
+            Field::Type => &mut self.kind,
+            Field::ItemId => &mut self.item_id,
+            Field::Category => &mut self.category,
+            Field::Amount => &mut self.amount,
+        }
+    }
 }
 
 impl<V> Default for RawEvent<V> {
@@ -167,21 +191,13 @@ impl<'de> Visitor<'de> for RawEventVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<Scalar<'de>>, A::Error> {
         let mut raw = RawEvent::default();
-        while let Some(key) = map.next_key::<Key>()? {
-            let slot = match key {
-                Key::EventId => &mut raw.event_id,
-                Key::UserId => &mut raw.user_id,
-                Key::Ts => &mut raw.ts,
-                Key::Type => &mut raw.kind,
-                Key::ItemId => &mut raw.item_id,
-                Key::Category => &mut raw.category,
-                Key::Amount => &mut raw.amount,
-                Key::Other => {
+        while let Some(Key(field)) = map.next_key::<Key>()? {
+            match field {
+                Some(field) => *raw.slot(field) = Some(map.next_value::<Scalar>()?),
+                None => {
                     map.next_value::<IgnoredAny>()?;
-                    continue;
                 }
-            };
-            *slot = Some(map.next_value::<Scalar>()?);
+            }
         }
         Ok(raw)
     }
