@@ -257,3 +257,61 @@ async fn status_line(
         let _ = out.flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    fn produced(consumer: &BaseConsumer, topic: &str) -> i64 {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, 0, Duration::from_secs(5))
+            .expect("watermarks from the embedded broker");
+        high - low
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_generator_waits_for_the_assignment() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 1, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let (ready, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let generator = tokio::spawn(generate(
+            producer,
+            "events".into(),
+            2000,
+            10,
+            0,
+            Arc::clone(&ready),
+            Arc::clone(&stop),
+        ));
+
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            produced(&consumer, "events"),
+            0,
+            "events before the assignment"
+        );
+
+        ready.store(true, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while produced(&consumer, "events") == 0 {
+            assert!(Instant::now() < deadline, "no events after the assignment");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.store(true, Relaxed);
+        generator.await.unwrap();
+    }
+}
